@@ -1,0 +1,12 @@
+"""vmeanba-compiler: a torch.compile backend for VMeanba (arXiv 2412.16602).
+
+`torch.compile(model, backend="vmeanba")` works without importing this package (the backend is
+registered through the `torch_dynamo_backends` entry point). Importing it gives the drop-in
+selective scan and the reference VMamba models.
+"""
+
+__version__ = "0.1.0"
+
+from .ops import selective_scan
+
+__all__ = ["__version__", "selective_scan"]
