@@ -147,14 +147,19 @@ def backward(
         )
 
     _run_blocks(lib.scan_backward, blocks, args_for)
-    absent = u.new_empty(0)
+
+    def absent() -> Tensor:
+        # A fresh zero-size tensor per missing argument: a custom op's outputs may not alias
+        # each other, so one shared placeholder breaks backward when two arguments are None.
+        return u.new_empty(0)
+
     return [
         g_u.to(u.dtype),
         g_delta.to(delta.dtype),
         g_A.to(A.dtype),
         _from_kernel_layout(g_B.sum(0), shape.b_form, B.dtype),
         _from_kernel_layout(g_C.sum(0), shape.c_form, C.dtype),
-        absent if D is None else g_D.to(D.dtype),
-        absent if z is None else g_z.to(z.dtype),
-        absent if delta_bias is None else g_bias.to(delta_bias.dtype),
+        absent() if D is None else g_D.to(D.dtype),
+        absent() if z is None else g_z.to(z.dtype),
+        absent() if delta_bias is None else g_bias.to(delta_bias.dtype),
     ]

@@ -1,0 +1,1 @@
+"""Benchmarks behind `vmeanba bench-*`: medians over repeats, saved as JSON with machine info."""
