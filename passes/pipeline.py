@@ -1,9 +1,8 @@
 """The pass manager: an ordered list of graph passes, each `(gm, config) -> gm`.
 
 Passes run on the Dynamo-level FX graph, before AOT autograd splits forward and backward, so a
-rewrite applies to training and inference alike (FEASIBILITY.md, "Into Inductor"). The list is
-empty until the VMeanba rewrite lands; the backend already runs it so the order of stages is
-fixed: passes -> Inductor.
+rewrite applies to training and inference alike (FEASIBILITY.md, "Into Inductor"). Order:
+site discovery and selection, then the rewrite (vmeanba_rewrite.py), then Inductor.
 """
 
 from __future__ import annotations
@@ -13,11 +12,13 @@ from typing import Callable
 
 import torch.fx
 
+from .vmeanba_rewrite import vmeanba_rewrite
+
 log = logging.getLogger("vmeanba_compiler.passes")
 
 GraphPass = Callable[[torch.fx.GraphModule, "object"], torch.fx.GraphModule]
 
-PASSES: list[tuple[str, GraphPass]] = []
+PASSES: list[tuple[str, GraphPass]] = [("vmeanba_rewrite", vmeanba_rewrite)]
 
 
 def run_passes(gm: torch.fx.GraphModule, config: object) -> torch.fx.GraphModule:

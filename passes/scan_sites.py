@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from .. import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
 from ..lowering.scan_args import ProjectionForm, validate_scan_args
 
 _SCAN_OP = torch.ops.vmeanba.selective_scan

@@ -1,13 +1,19 @@
 """Test helpers shared by this project's tests and by users checking their own scan kernels.
 
-Two things live here, so every test compares the same way and draws the same inputs:
+Everything here is public, so users property-test the rewrite on their own models the way this
+project's own tests do:
 
 - `TOLERANCES` and `assert_scan_close`: the one per-dtype tolerance table and the one closeness
   check (STYLE.md items 6 and 8). A failure is always an AssertionError that says how far off the
   result is and where; it is never turned into a warning.
 - `scan_inputs`: a hypothesis strategy for selective-scan arguments in every form VMEANBA.md
   section 1 allows. hypothesis is imported only when the strategy is built, so the closeness
-  helpers work without it.
+  helpers work without it. `small_vmamba_models` draws small SS2D-style models.
+- `vmeanba_formula`: an independent evaluation of VMEANBA.md section 2 (explicit loop over
+  groups, the plain reference scan), and `assert_rewrite_matches_formulas` comparing what the
+  rewrite inserts against it.
+- `assert_backend_matches_eager`: a model compiled with `backend="vmeanba"` against eager
+  execution of the same rewrite (and against the unmodified model when nothing is selected).
 """
 
 from __future__ import annotations
@@ -19,7 +25,18 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MODEL_TOLERANCES", "TOLERANCES", "ScanInputs", "assert_scan_close", "scan_inputs"]
+__all__ = [
+    "MODEL_TOLERANCES",
+    "TOLERANCES",
+    "ScanInputs",
+    "assert_backend_matches_eager",
+    "assert_rewrite_matches_formulas",
+    "assert_scan_close",
+    "scan_inputs",
+    "site_groups",
+    "small_vmamba_models",
+    "vmeanba_formula",
+]
 
 # (rtol, atol) for comparing a fast implementation's output against the reference, keyed by the
 # dtype of the value compared (y: u's dtype; last_state: the math dtype, float32 or float64).
@@ -244,3 +261,159 @@ def scan_inputs(
         return ScanInputs(u, delta, A, B, C, D, z, bias, softplus, seed).to(dtype)
 
     return draw_inputs()
+
+
+def site_groups(inputs: ScanInputs) -> int:
+    """The reduction groups of a call: the lcm of the grouped B/C group counts (1 if none)."""
+    groups = 1
+    for proj in (inputs.B, inputs.C):
+        if proj.dim() == 4:
+            groups = math.lcm(groups, proj.shape[1])
+    return groups
+
+
+def _group_projection(proj: Tensor, g: int, groups: int, channels: slice) -> Tensor:
+    """B or C as seen by reduced channel g, in a one-channel form of the reference scan."""
+    if proj.dim() == 4:  # grouped: reduced channel g lies inside one original group
+        source = g * proj.shape[1] // groups
+        return proj[:, source : source + 1]
+    if proj.dim() == 3:  # shared
+        return proj
+    return proj[channels].mean(0, keepdim=True)  # fixed rows: averaged like A
+
+
+def vmeanba_formula(
+    inputs: ScanInputs, groups: int, dt_mode: str = "effective", skip_mode: str = "exact"
+) -> Tensor:
+    """y of a VMeanba-reduced site, evaluated straight from VMEANBA.md section 2 in float64.
+
+    One group at a time: average u, dt (the effective step, or raw delta and bias), A and fixed
+    B/C rows over the group's channels, run the plain sequential reference scan on that single
+    channel, and give its output to every channel of the group; D*u and silu(z) are applied per
+    channel ("exact") or averaged into the reduced scan ("mean"). Written independently of
+    `vmeanba_compiler.passes.reduced_scan`, which it checks.
+    """
+    from .lowering.scan_reference import selective_scan_reference
+
+    x = inputs.to(torch.float64)
+    batch, dim, length = x.u.shape
+    width = dim // groups
+    y = torch.empty(batch, dim, length, dtype=torch.float64)
+    for g in range(groups):
+        ch = slice(g * width, (g + 1) * width)
+        dt = x.delta[:, ch] + (0 if x.delta_bias is None else x.delta_bias[ch, None])
+        if dt_mode == "effective":
+            step = (torch.nn.functional.softplus(dt) if x.delta_softplus else dt).mean(1, keepdim=True)
+            bias, softplus = None, False
+        else:
+            step = x.delta[:, ch].mean(1, keepdim=True)
+            bias = None if x.delta_bias is None else x.delta_bias[ch].mean().reshape(1)
+            softplus = x.delta_softplus
+        mean_skip = skip_mode == "mean"
+        D = x.D[ch].mean().reshape(1) if (mean_skip and x.D is not None) else None
+        z = x.z[:, ch].mean(1, keepdim=True) if (mean_skip and x.z is not None) else None
+        y_g, _ = selective_scan_reference(
+            x.u[:, ch].mean(1, keepdim=True), step, x.A[ch].mean(0, keepdim=True),
+            _group_projection(x.B, g, groups, ch), _group_projection(x.C, g, groups, ch),
+            D, z, bias, softplus,
+        )
+        y[:, ch] = y_g
+    if skip_mode == "exact":
+        if x.D is not None:
+            y = y + x.D[:, None] * x.u
+        if x.z is not None:
+            y = y * torch.nn.functional.silu(x.z)
+    return y
+
+
+def assert_rewrite_matches_formulas(
+    inputs: ScanInputs, groups: Optional[int] = None, dt_mode: str = "effective", skip_mode: str = "exact"
+) -> None:
+    """What a rewritten site computes equals `vmeanba_formula` within `TOLERANCES[u.dtype]`,
+    and keeps the op's output contract (shape, dtype, contiguity, last-state shape)."""
+    from .passes.reduced_scan import reduced_selective_scan
+
+    groups = site_groups(inputs) if groups is None else groups
+    y, last_state = reduced_selective_scan(*inputs.args(), groups=groups, dt_mode=dt_mode, skip_mode=skip_mode)
+    full_y, full_state = torch.ops.vmeanba.selective_scan(*inputs.args())
+    if (y.shape, y.dtype, y.stride()) != (full_y.shape, full_y.dtype, full_y.stride()):
+        raise AssertionError(
+            f"rewritten output has shape {tuple(y.shape)}, dtype {y.dtype}, stride {y.stride()}; "
+            f"the op gives {tuple(full_y.shape)}, {full_y.dtype}, {full_y.stride()}"
+        )
+    if (last_state.shape, last_state.dtype) != (full_state.shape, full_state.dtype):
+        raise AssertionError(
+            f"rewritten last state {tuple(last_state.shape)} {last_state.dtype} differs from the "
+            f"op's {tuple(full_state.shape)} {full_state.dtype}"
+        )
+    expected = vmeanba_formula(inputs, groups, dt_mode, skip_mode)
+    assert_scan_close(y, expected, inputs.u.dtype, what=f"rewrite vs formulas (groups={groups})")
+
+
+def _call_model(fn, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return fn(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return fn(*inputs)
+    return fn(inputs)
+
+
+def assert_backend_matches_eager(model: torch.nn.Module, inputs: Any, **options: Any) -> Tensor:
+    """Compile `model` with `backend="vmeanba"` and `options`; assert its output equals eager
+    execution of the same rewrite (`inductor=False`) within `MODEL_TOLERANCES`. When `options`
+    select no site, also assert the eager rewrite is bit-identical to `model(inputs)`.
+    Runs under torch.no_grad(); resets Dynamo before each compilation. Returns the output."""
+    from .config import VMeanbaConfig
+
+    config = VMeanbaConfig.from_options(options)
+    selects = config.sites or config.threshold is not None or config.top_k is not None
+    with torch.no_grad():
+        torch._dynamo.reset()
+        eager_rewrite = _call_model(
+            torch.compile(model, backend="vmeanba", options={**options, "inductor": False}), inputs
+        )
+        torch._dynamo.reset()
+        compiled = _call_model(torch.compile(model, backend="vmeanba", options=options), inputs)
+        torch._dynamo.reset()
+        if not selects:
+            plain = _call_model(model, inputs)
+            if not torch.equal(eager_rewrite, plain):
+                raise AssertionError("no site was selected, yet the graph run eagerly differs from the model")
+    rtol, atol = MODEL_TOLERANCES[compiled.dtype]
+    torch.testing.assert_close(compiled, eager_rewrite, rtol=rtol, atol=atol)
+    return compiled
+
+
+def small_vmamba_models(max_stages: int = 2, max_depth: int = 2):
+    """A hypothesis strategy of (model, images): small VMamba models built from the project's
+    SS2D blocks with drawn widths, depths, state sizes, gating, MLPs, stem and downsampling
+    styles, channels and image sizes. Models are in eval mode with seeded weights."""
+    st = _import_hypothesis()
+    from .models import VMambaConfig, VMamba
+
+    @st.composite
+    def draw_model(draw):
+        stages = draw(st.integers(1, max_stages))
+        config = VMambaConfig(
+            embed_dim=draw(st.sampled_from((4, 8, 12))),
+            depths=tuple(draw(st.integers(1, max_depth)) for _ in range(stages)),
+            d_state=draw(st.sampled_from((1, 2, 4))),
+            ssm_ratio=draw(st.sampled_from((1.0, 2.0))),
+            mlp_ratio=draw(st.sampled_from((0.0, 2.0))),
+            gated=draw(st.booleans()),
+            patch_embed="v0",
+            patch_size=draw(st.sampled_from((1, 2))),
+            downsample=draw(st.sampled_from(("v0", "v2"))),
+            in_chans=draw(st.sampled_from((1, 3))),
+            num_classes=draw(st.sampled_from((2, 5))),
+        )
+        size = draw(st.sampled_from((4, 6, 8)))
+        batch = draw(st.integers(1, 2))
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            model = VMamba(config).eval()
+        images = torch.randn(batch, config.in_chans, size, size, generator=gen)
+        return model, images
+
+    return draw_model()

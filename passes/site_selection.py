@@ -1,0 +1,86 @@
+"""Decide which scan sites to rewrite: explicit ids, a threshold on a profile metric, or top-K.
+
+Selection ("is it worth it?") is kept apart from matching ("is it legal?", scan_sites.py): it
+only reads the traced sites and the configuration and returns one decision per site, with the
+reason in words, which `explain` prints and the rewrite pass acts on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..profile import SiteSignature
+from .scan_sites import ScanSite
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    site_id: str
+    rewrite: bool
+    reason: str
+
+
+def site_signature(site: ScanSite) -> SiteSignature:
+    """What a profile must agree on with a traced site (not batch or L: profiles are shape-free)."""
+    return SiteSignature(
+        dim=site.dim, state=site.state, groups=site.groups, b_form=site.b_form,
+        c_form=site.c_form, has_D=site.has_D, has_z=site.has_z,
+    )
+
+
+def _unknown_ids_error(unknown: Sequence[str], known: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"vmeanba option 'sites' names unknown site id(s) {', '.join(map(repr, unknown))}; "
+        f"the traced model has: {', '.join(known) or '(no scan sites)'}"
+    )
+
+
+def select_sites(sites: Sequence[ScanSite], config) -> list[SiteDecision]:
+    """One decision per traced site, in graph order; raises on ids or profiles that do not fit."""
+    profile = config.profile
+    if profile is not None:
+        profile.check_compatible({s.site_id: site_signature(s) for s in sites}, partial=True)
+    traced = [s.site_id for s in sites]
+    if config.sites:
+        unknown = [i for i in config.sites if i not in traced]
+        if unknown:
+            raise _unknown_ids_error(unknown, traced)
+        return [
+            SiteDecision(i, i in config.sites, "named in sites" if i in config.sites else "not named in sites")
+            for i in traced
+        ]
+    if config.threshold is not None:
+        decisions = []
+        for site_id in traced:
+            value = profile.metric(site_id, config.metric)
+            below = value <= config.threshold
+            relation = "<=" if below else ">"
+            decisions.append(
+                SiteDecision(site_id, below, f"{config.metric} {value:.4g} {relation} threshold {config.threshold:.4g}")
+            )
+        return decisions
+    if config.top_k is not None:
+        chosen = _lowest_impact(profile, config.top_k)
+        return [
+            SiteDecision(
+                i, i in chosen,
+                f"impact rank {chosen[i]} of top_k={config.top_k}" if i in chosen
+                else f"impact not among the {config.top_k} lowest",
+            )
+            for i in traced
+        ]
+    return [SiteDecision(i, False, "no sites, threshold or top_k given") for i in traced]
+
+
+def _lowest_impact(profile, k: int) -> dict[str, int]:
+    """The k profile sites of lowest impact score (ties by id), mapped to their 1-based rank."""
+    scores: dict[str, Optional[float]] = {i: profile.metric(i, "impact") for i in profile.site_ids}
+    missing = [i for i, score in scores.items() if score is None]
+    if missing:
+        raise ValueError(
+            "vmeanba option 'top_k' ranks sites by layer impact, but the profile has no impact "
+            f"score for {', '.join(missing)}; calibrate with impact=True"
+        )
+    ranked = sorted(scores, key=lambda i: (scores[i], i))[:k]
+    return {site_id: rank + 1 for rank, site_id in enumerate(ranked)}

@@ -1,0 +1,61 @@
+"""The VMeanba rewrite: each selected scan site becomes mean -> reduced scan -> expand.
+
+Accepted pattern: a `vmeanba.selective_scan` node (found by scan_sites.py). The node is replaced
+by a call to `reduced_selective_scan` with the same arguments plus the site's group count and
+the configured modes; the call has the op's exact output structure (y, last_state), so every
+user of the old node is rewired unchanged. Unselected sites are not touched at all. All
+decisions are made first (select_sites raises before anything changes); mutation comes second.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch.fx
+
+from .reduced_scan import reduced_selective_scan
+from .scan_sites import ScanSite, find_scan_sites
+from .site_selection import SiteDecision, select_sites
+
+log = logging.getLogger("vmeanba_compiler.passes")
+
+
+@dataclass(frozen=True)
+class RewritePlan:
+    sites: list[ScanSite]
+    decisions: list[SiteDecision]
+
+    @property
+    def rewritten(self) -> list[ScanSite]:
+        return [s for s, d in zip(self.sites, self.decisions) if d.rewrite]
+
+
+def plan_rewrite(gm: torch.fx.GraphModule, config) -> RewritePlan:
+    """Find the graph's sites and decide each one; changes nothing."""
+    sites = find_scan_sites(gm)
+    return RewritePlan(sites, select_sites(sites, config))
+
+
+def _replace(gm: torch.fx.GraphModule, site: ScanSite, config) -> None:
+    node = site.node
+    kwargs = {**node.kwargs, "groups": site.groups, "dt_mode": config.dt_mode, "skip_mode": config.skip_mode}
+    with gm.graph.inserting_before(node):
+        reduced = gm.graph.call_function(reduced_selective_scan, node.args, kwargs)
+    reduced.meta = dict(node.meta)
+    node.replace_all_uses_with(reduced)
+    gm.graph.erase_node(node)
+
+
+def vmeanba_rewrite(gm: torch.fx.GraphModule, config) -> torch.fx.GraphModule:
+    plan = plan_rewrite(gm, config)
+    for site, decision in zip(plan.sites, plan.decisions):
+        log.debug("site %s: %s (%s)", site.site_id, "rewrite" if decision.rewrite else "keep", decision.reason)
+    for site in plan.rewritten:
+        _replace(gm, site, config)
+    if plan.sites:
+        log.info(
+            "vmeanba: rewrote %d of %d scan sites: %s",
+            len(plan.rewritten), len(plan.sites), ", ".join(s.site_id for s in plan.rewritten) or "none",
+        )
+    return gm

@@ -1,0 +1,206 @@
+"""`calibrate(model, batches)`: measure every scan site on sample inputs (VMEANBA.md section 3).
+
+Three phases, as in torchao's pt2e flow: Dynamo traces the model and every scan node is replaced
+by an observer that runs the full scan and records the site's statistics; the user's batches run
+through that graph (eagerly, no Inductor); the result is a `Profile`. The layer-impact score of
+a site is measured by running each batch once more per site with only that site reduced.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .passes.reduced_scan import reduced_selective_scan
+from .passes.scan_sites import find_scan_sites, scan_arguments
+from .passes.site_selection import site_signature
+from .profile import PROFILE_FORMAT_VERSION, Profile, SiteSignature, SiteStats, parameter_hash
+
+log = logging.getLogger("vmeanba_compiler.calibration")
+
+
+class CalibrationError(ValueError):
+    """Calibration data or activations that cannot give a trustworthy profile."""
+
+
+class _SiteObserver(nn.Module):
+    """Stands in for every scan node of the traced graph while calibrating.
+
+    Returns the full scan's result, except for the one site named by `reduced_site`, which
+    returns its reduced result (how impact is measured).
+    """
+
+    def __init__(self, dt_mode: str, skip_mode: str) -> None:
+        super().__init__()
+        self.dt_mode, self.skip_mode = dt_mode, skip_mode
+        self.signatures: dict[str, SiteSignature] = {}
+        self.stats: dict[str, SiteStats] = {}
+        self.recording = True
+        self.reduced_site: Optional[str] = None
+        self.batch_index = 0
+
+    def forward(self, site_id: str, groups: int, **scan_args: Any) -> tuple[Tensor, Tensor]:
+        y, last_state = torch.ops.vmeanba.selective_scan(**scan_args)
+        if not self.recording and self.reduced_site != site_id:
+            return y, last_state
+        reduced = reduced_selective_scan(
+            **scan_args, groups=groups, dt_mode=self.dt_mode, skip_mode=self.skip_mode
+        )
+        if self.recording:
+            self._record(site_id, groups, scan_args["u"], y, reduced[0])
+        return reduced if self.reduced_site == site_id else (y, last_state)
+
+    def _record(self, site_id: str, groups: int, u: Tensor, y: Tensor, y_reduced: Tensor) -> None:
+        for name, t in (("input u", u), ("output", y)):
+            if not bool(torch.isfinite(t).all()):
+                raise CalibrationError(
+                    f"scan site {site_id!r}: its {name} has NaN or inf values in calibration batch "
+                    f"{self.batch_index}; check the inputs and the model (e.g. run it in float32) "
+                    "before calibrating"
+                )
+        full = y.detach().double()
+        stats = self.stats[site_id]
+        per_group = full.unflatten(1, (groups, full.shape[1] // groups))  # (batch, G, d, L)
+        stats.channel_variance.update(per_group.var(dim=2, unbiased=False))
+        stats.mean_square.update(full.square())
+        stats.rel_err_num += float((y_reduced.detach().double() - full).square().sum())
+        stats.rel_err_den += float(full.square().sum())
+
+
+def _instrumenting_backend(observer: _SiteObserver) -> Callable:
+    def backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        gm.add_submodule("vmeanba_observer", observer)
+        for site in find_scan_sites(gm):
+            observer.signatures.setdefault(site.site_id, site_signature(site))
+            observer.stats.setdefault(site.site_id, SiteStats())
+            with gm.graph.inserting_before(site.node):
+                new = gm.graph.call_module(
+                    "vmeanba_observer", (site.site_id, site.groups), scan_arguments(site.node)
+                )
+            new.meta = dict(site.node.meta)
+            site.node.replace_all_uses_with(new)
+            gm.graph.erase_node(site.node)
+        gm.recompile()
+        return gm.forward
+
+    return backend
+
+
+def _call(fn: Callable, inputs: Any) -> Any:
+    if isinstance(inputs, Tensor):
+        return fn(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return fn(*inputs)
+    if isinstance(inputs, dict):
+        return fn(**inputs)
+    raise CalibrationError(
+        f"a calibration batch must be a Tensor, a tuple/list of model arguments or a dict of "
+        f"keyword arguments, got {type(inputs).__name__}"
+    )
+
+
+def _first_tensor(x: Any) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, (Tensor, tuple, list, dict)):
+            return _first_tensor(v)
+    raise CalibrationError(f"the model returned {type(x).__name__}; calibration needs a tensor output")
+
+
+def _kl_impact(full: Tensor, reduced: Tensor) -> float:
+    """KL(softmax(full) || softmax(reduced)) over the last dim, averaged over the rest."""
+    log_p = F.log_softmax(full.double(), dim=-1)
+    log_q = F.log_softmax(reduced.double(), dim=-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
+    impact: bool = True,
+    max_batches: Optional[int] = None,
+    dt_mode: str = "effective",
+    skip_mode: str = "exact",
+    progress: bool = True,
+) -> Profile:
+    """Run `model` on `batches` and return the profile of its scan sites.
+
+    batches: an iterable (a DataLoader works) of model inputs: a Tensor, a tuple of positional
+        arguments or a dict of keyword arguments. With `loss_fn`, each batch is `(inputs, target)`
+        and the impact score is the change of `loss_fn(output, target)`; otherwise it is the KL
+        divergence of the output logits.
+    impact: measure layer impact (one extra forward per site and batch); top_k selection needs it.
+    dt_mode, skip_mode: the reduction measured (must match the one compiled later).
+    Put the model in the mode you will deploy (usually `model.eval()`) first.
+    Dynamo's caches are reset first, so the instrumented trace is never served from an old one.
+    """
+    from tqdm.auto import tqdm
+
+    observer = _SiteObserver(dt_mode, skip_mode)
+    torch._dynamo.reset()
+    traced = torch.compile(model, backend=_instrumenting_backend(observer))
+    total = None if not hasattr(batches, "__len__") else len(batches)  # type: ignore[arg-type]
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    num_batches = num_samples = 0
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="vmeanba calibrate", disable=not progress):
+            if max_batches is not None and num_batches >= max_batches:
+                break
+            inputs, target = _split(batch, loss_fn)
+            observer.batch_index, observer.recording, observer.reduced_site = num_batches, True, None
+            full = _call(traced, inputs)
+            if not observer.stats:
+                raise CalibrationError(
+                    "no selective-scan sites were found in the model: its scans must call "
+                    "vmeanba_compiler.selective_scan (torch.ops.vmeanba.selective_scan)"
+                )
+            if impact:
+                observer.recording = False
+                for site_id, stats in observer.stats.items():
+                    observer.reduced_site = site_id
+                    reduced = _call(traced, inputs)
+                    stats.impact.update(torch.tensor([_impact(full, reduced, target, loss_fn)]))
+            num_batches += 1
+            num_samples += _first_tensor(inputs).shape[0]
+    torch._dynamo.reset()
+    if num_batches == 0:
+        raise CalibrationError(
+            "calibrate got no batches: pass a non-empty iterable of model inputs (e.g. a DataLoader)"
+        )
+    return Profile(
+        format_version=PROFILE_FORMAT_VERSION,
+        signatures=dict(observer.signatures),
+        stats=dict(observer.stats),
+        parameter_hash=parameter_hash(model),
+        num_batches=num_batches,
+        num_samples=num_samples,
+        settings={"dt_mode": dt_mode, "skip_mode": skip_mode,
+                  "impact": None if not impact else ("loss" if loss_fn else "kl")},
+    )
+
+
+def _split(batch: Any, loss_fn: Optional[Callable]) -> tuple[Any, Any]:
+    if loss_fn is None:
+        return batch, None
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise CalibrationError(
+            "with loss_fn, every calibration batch must be a pair (inputs, target), got "
+            f"{type(batch).__name__}"
+        )
+    return batch[0], batch[1]
+
+
+def _impact(full: Any, reduced: Any, target: Any, loss_fn: Optional[Callable]) -> float:
+    if loss_fn is None:
+        return _kl_impact(_first_tensor(full), _first_tensor(reduced))
+    return float(loss_fn(reduced, target) - loss_fn(full, target))

@@ -1,0 +1,334 @@
+"""Trace third-party selective scans as one `vmeanba.selective_scan` node.
+
+Vision SSMs call their scan through code that is not ours. Compiled as written, Dynamo inlines
+those functions and unrolls their Python loop over L into thousands of graph nodes, and the
+VMeanba passes (which look for `torch.ops.vmeanba.selective_scan`) find nothing. This module maps
+them onto our op at trace time, leaving eager execution untouched.
+
+Matched (anything else is left alone):
+
+- `selective_scan_fn` and `selective_scan_ref` of the module named exactly
+  `mamba_ssm.ops.selective_scan_interface` (the Mamba project), signature
+  `(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+  return_last_state=False)`: the same semantics as `vmeanba_compiler.ops.selective_scan`.
+- `selective_scan_fn` of any module whose last dotted component is `csms6s` (VMamba's
+  classification/models/csms6s.py, imported as `models.csms6s` or `csms6s`; `foo_csms6s` is not
+  matched), signature `(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
+  oflex=True, backend=None)`. No z; `backend` is ignored (all of VMamba's backends compute the same
+  scan).
+
+A matched name is only substituted if it holds a plain Python function with exactly that
+signature (parameter names, order and defaults); otherwise it is left alone with a warning.
+
+Output dtypes follow the originals, so compiled and eager agree:
+- Mamba: out in u's dtype; last_state (when asked) in float32 (float64 if A is float64), as the
+  reference's `A.new_zeros` state and the CUDA kernel's float32 state are.
+- csms6s: VMamba's pure-torch fallback `selective_scan_torch` computes in float32 and returns
+  `out if oflex else out.to(u.dtype)`, i.e. float32 when `oflex` is true and u's dtype otherwise.
+  The `selective_scan_cuda_oflex` kernel is called with the same flag (its "output flexible"
+  float32 output). The substitution follows that reading; for half/bfloat16 inputs with `oflex`
+  it feeds u and delta to our op in float32, so y is not rounded through the input dtype first.
+  (VMamba's older "mamba" CUDA backend ignores `oflex` and returns u's dtype; the substitution
+  does not imitate that.)
+Math is float32, or float64 when u is float64 (the originals always use float32; ours is at least
+as precise). When u and delta differ in dtype, both are promoted before the op, as the originals
+cast both with `.float()`.
+
+Declined at trace time (the polyfill then traces the user's original code, a copy of the function
+object so the substitution does not recurse): an argument that is not a tensor (or None where
+optional), or a tensor that is not real floating point, e.g. Mamba's complex A. Such calls trace
+as before, loop and all; the result is still correct.
+
+Mechanism: `torch.compiler.substitute_in_graph(original)(polyfill)`. It is public API (torch >=
+2.5, unchanged in 2.11..2.13) and registers the polyfill by the identity of the original function
+object, in Dynamo's id-dispatch table and trace rules. So:
+- it fires wherever Dynamo meets that object, however the user reached it: a module-level
+  `from mamba_ssm.ops.selective_scan_interface import selective_scan_fn` in the model's module
+  (the case attribute patching misses: that module keeps its own reference), a module attribute,
+  a closure or an `nn.Module` attribute, inside a compiled module's forward;
+- it works for plain Python functions, not only C functions (the polyfill handler wraps the
+  original; Dynamo inlines our polyfill in its place);
+- eager calls still run the user's function object itself: nothing is patched;
+- registering the same function twice raises ValueError in Dynamo, so this module keeps its own
+  registry (and holds the function objects, so their ids stay unique) to make installation
+  idempotent; a function that already has someone else's polyfill is left alone;
+- `torch._dynamo.reset()` does not remove the registration.
+Rejected alternatives: patching module attributes (misses `from x import f` copies and changes
+eager behaviour); `allow_in_graph` (puts the user's function, not our op, in the graph); a
+Dynamo compile-start callback for late imports (`torch._dynamo.reset()` clears those callbacks).
+
+Modules imported after installation: `install_scan_substitutions()` also puts a small finder at
+the front of `sys.meta_path` that reacts only to the matched module names; after such a module
+has executed it substitutes its functions. The finder resolves the module with the remaining
+finders and wraps the loader only for that import (the module's `__loader__`/`__spec__.loader`
+are the real loader again before its code runs). A function defined before install but whose
+frame Dynamo already compiled keeps that compiled code until `torch._dynamo.reset()` (guards do
+not see the new rule).
+
+The substitution is process-wide: once installed, every torch.compile backend (not only
+`vmeanba`) sees `vmeanba.selective_scan` in place of these functions.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import inspect
+import logging
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
+
+log = logging.getLogger("vmeanba_compiler.substitutions")
+
+MAMBA_MODULE = "mamba_ssm.ops.selective_scan_interface"
+MAMBA_FUNCTIONS = ("selective_scan_fn", "selective_scan_ref")
+CSMS6S_MODULE_SUFFIX = "csms6s"  # last dotted component of the module name
+CSMS6S_FUNCTIONS = ("selective_scan_fn",)
+
+_REAL_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --- trace-time helpers (run under Dynamo, inlined into the user's graph) -------------------------
+
+
+def _is_real_float_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in _REAL_FLOAT
+
+
+def _supported(u, delta, A, B, C, optional) -> bool:
+    """Whether our op represents this call; anything else is traced as the original."""
+    for t in (u, delta, A, B, C):
+        if not _is_real_float_tensor(t):
+            return False
+    for t in optional:
+        if t is not None and not _is_real_float_tensor(t):
+            return False
+    return True
+
+
+def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, promote_to_float32):
+    """Call `vmeanba.selective_scan`, promoting u and delta where the op needs one dtype for both
+    (or, with `promote_to_float32`, where the caller wants an unrounded float32 y)."""
+    if u.dtype != delta.dtype or (promote_to_float32 and u.dtype in (torch.float16, torch.bfloat16)):
+        wide = torch.float64 if torch.float64 in (u.dtype, delta.dtype) else torch.float32
+        u, delta = u.to(wide), delta.to(wide)
+    return torch.ops.vmeanba.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _mamba_polyfill(fallback: Callable) -> Callable:
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+        if not _supported(u, delta, A, B, C, (D, z, delta_bias)):
+            return fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        y, last_state = _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
+        if y.dtype != u.dtype:
+            y = y.to(u.dtype)
+        if not return_last_state:
+            return y
+        state_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+        if last_state.dtype != state_dtype:
+            last_state = last_state.to(state_dtype)
+        return y, last_state
+
+    return selective_scan_fn
+
+
+def _csms6s_polyfill(fallback: Callable) -> Callable:
+    def selective_scan_fn(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, oflex=True,
+                          backend=None):
+        if not _supported(u, delta, A, B, C, (D, delta_bias)):
+            return fallback(u, delta, A, B, C, D, delta_bias, delta_softplus, oflex, backend)
+        y, _ = _scan(u, delta, A, B, C, D, None, delta_bias, delta_softplus, bool(oflex))
+        out_dtype = torch.float32 if oflex else u.dtype
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    return selective_scan_fn
+
+
+# --- matching --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    functions: tuple[str, ...]
+    make_polyfill: Callable[[Callable], Callable]
+
+
+_MAMBA = _Family("mamba_ssm", MAMBA_FUNCTIONS, _mamba_polyfill)
+_CSMS6S = _Family("csms6s", CSMS6S_FUNCTIONS, _csms6s_polyfill)
+
+
+def _family_for_module(module_name: str) -> Optional[_Family]:
+    """The API family a module name belongs to, or None (module left alone)."""
+    if module_name == MAMBA_MODULE:
+        return _MAMBA
+    if module_name.rpartition(".")[2] == CSMS6S_MODULE_SUFFIX:
+        return _CSMS6S
+    return None
+
+
+def _signature_key(fn: Callable) -> tuple:
+    params = inspect.signature(fn).parameters.values()
+    return tuple((p.name, p.kind, p.default) for p in params)
+
+
+def _clone_function(fn: types.FunctionType) -> types.FunctionType:
+    """A distinct function object running the same code: what the polyfill traces when it declines
+    (calling `fn` itself from the polyfill would dispatch back to the polyfill)."""
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    clone.__qualname__ = fn.__qualname__
+    clone.__module__ = fn.__module__
+    clone.__doc__ = fn.__doc__
+    return clone
+
+
+# --- registry --------------------------------------------------------------------------------------
+
+_lock = threading.RLock()
+# id(function) -> (function, family name); holding the function keeps its id from being reused.
+_registered: dict[int, tuple[Callable, str]] = {}
+# id(function) of matched functions we must not touch (wrong signature, foreign polyfill).
+_declined: dict[int, Callable] = {}
+
+
+def _substitute_module(module: types.ModuleType, family: _Family) -> list[str]:
+    """Substitute the family's functions found on `module`; return the qualified names that are
+    substituted (now or before)."""
+    done = []
+    for attr in family.functions:
+        fn = module.__dict__.get(attr)
+        if fn is None:
+            continue
+        qualname = f"{module.__name__}.{attr}"
+        with _lock:
+            entry = _registered.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                if entry[1] == family.name:
+                    done.append(qualname)
+                continue
+            if id(fn) in _declined and _declined[id(fn)] is fn:
+                continue
+            if _register(fn, family, qualname):
+                _registered[id(fn)] = (fn, family.name)
+                done.append(qualname)
+                log.info("substituted %s (%s API) -> torch.ops.vmeanba.selective_scan", qualname, family.name)
+            else:
+                _declined[id(fn)] = fn
+    return done
+
+
+def _register(fn: Callable, family: _Family, qualname: str) -> bool:
+    if not isinstance(fn, types.FunctionType):
+        log.warning("left %s alone: it is a %s, not a plain Python function", qualname, type(fn).__name__)
+        return False
+    polyfill = family.make_polyfill(_clone_function(fn))
+    try:
+        expected, actual = _signature_key(polyfill), _signature_key(fn)
+    except (TypeError, ValueError) as exc:
+        log.warning("left %s alone: cannot read its signature (%s)", qualname, exc)
+        return False
+    if actual != expected:
+        log.warning(
+            "left %s alone: signature %s differs from the %s API's %s",
+            qualname, inspect.signature(fn), family.name, inspect.signature(polyfill),
+        )
+        return False
+    polyfill.__module__ = __name__
+    polyfill.__qualname__ = f"vmeanba_polyfill[{qualname}]"
+    try:
+        torch.compiler.substitute_in_graph(fn)(polyfill)
+    except ValueError as exc:  # Dynamo already has a rule or polyfill for this object
+        log.warning("left %s alone: Dynamo already has a rule for it (%s)", qualname, exc)
+        return False
+    return True
+
+
+# --- late imports ----------------------------------------------------------------------------------
+
+
+class _SubstituteAfterExec(importlib.abc.Loader):
+    """Wraps the real loader of one matched module for one import; substitutes after exec."""
+
+    def __init__(self, loader, family: _Family) -> None:
+        self._loader = loader
+        self._family = family
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        try:
+            _substitute_module(module, self._family)
+        except Exception:  # never break the user's import over an optimisation
+            log.warning("could not substitute scans of %s", module.__name__, exc_info=True)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _ScanModuleFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for the matched module names only, asks the other finders and wraps
+    the loader they return."""
+
+    _vmeanba_scan_finder = True
+
+    def find_spec(self, fullname, path, target=None):
+        family = _family_for_module(fullname)
+        if family is None:
+            return None
+        for finder in list(sys.meta_path):
+            if getattr(finder, "_vmeanba_scan_finder", False):
+                continue
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is None:
+                continue
+            if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            spec.loader = _SubstituteAfterExec(spec.loader, family)
+            return spec
+        return None
+
+
+def _ensure_import_hook() -> None:
+    with _lock:
+        if not any(getattr(f, "_vmeanba_scan_finder", False) for f in sys.meta_path):
+            sys.meta_path.insert(0, _ScanModuleFinder())
+
+
+# --- public API ------------------------------------------------------------------------------------
+
+
+def install_scan_substitutions() -> list[str]:
+    """Make Dynamo trace the matched third-party scans (module docstring) as one
+    `torch.ops.vmeanba.selective_scan` node each.
+
+    Substitutes them in every matching module now in `sys.modules` and in matching modules
+    imported later. Idempotent and cheap (one pass over `sys.modules`' names); call it before
+    Dynamo traces the model. Eager calls keep running the original functions.
+
+    Returns the sorted qualified names ("module.function") of the matched functions currently
+    substituted, whether by this call or an earlier one.
+    """
+    _ensure_import_hook()
+    names: list[str] = []
+    for module_name, module in list(sys.modules.items()):
+        family = _family_for_module(module_name)
+        if family is None or not isinstance(module, types.ModuleType):
+            continue
+        names.extend(_substitute_module(module, family))
+    return sorted(names)
