@@ -14,6 +14,11 @@ import torch.fx
 
 from .config import VMeanbaConfig
 from .passes import run_passes
+from .scan_substitutions import install_scan_substitutions
+
+# Map Mamba's / VMamba's scan functions onto our op before Dynamo traces anything: this module is
+# imported when torch.compile(..., backend="vmeanba") is called, ahead of the first trace.
+install_scan_substitutions()
 
 
 def vmeanba_backend(

@@ -20,6 +20,7 @@ from .passes.reduced_scan import reduced_selective_scan
 from .passes.scan_sites import find_scan_sites, scan_arguments
 from .passes.site_selection import site_signature
 from .profile import PROFILE_FORMAT_VERSION, Profile, SiteSignature, SiteStats, parameter_hash
+from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
 
 log = logging.getLogger("vmeanba_compiler.calibration")
 
@@ -91,19 +92,6 @@ def _instrumenting_backend(observer: _SiteObserver) -> Callable:
     return backend
 
 
-def _call(fn: Callable, inputs: Any) -> Any:
-    if isinstance(inputs, Tensor):
-        return fn(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return fn(*inputs)
-    if isinstance(inputs, dict):
-        return fn(**inputs)
-    raise CalibrationError(
-        f"a calibration batch must be a Tensor, a tuple/list of model arguments or a dict of "
-        f"keyword arguments, got {type(inputs).__name__}"
-    )
-
-
 def _first_tensor(x: Any) -> Tensor:
     if isinstance(x, Tensor):
         return x
@@ -146,30 +134,30 @@ def calibrate(
     from tqdm.auto import tqdm
 
     observer = _SiteObserver(dt_mode, skip_mode)
-    torch._dynamo.reset()
-    traced = torch.compile(model, backend=_instrumenting_backend(observer))
+    traced = fresh_trace(model, _instrumenting_backend(observer))
     total = None if not hasattr(batches, "__len__") else len(batches)  # type: ignore[arg-type]
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     num_batches = num_samples = 0
-    with torch.no_grad():
+    with torch.no_grad(), backend_errors_unwrapped():
         for batch in tqdm(batches, total=total, desc="vmeanba calibrate", disable=not progress):
             if max_batches is not None and num_batches >= max_batches:
                 break
             inputs, target = _split(batch, loss_fn)
             observer.batch_index, observer.recording, observer.reduced_site = num_batches, True, None
-            full = _call(traced, inputs)
+            full = _run(traced, inputs)
             if not observer.stats:
                 raise CalibrationError(
                     "no selective-scan sites were found in the model: its scans must call "
-                    "vmeanba_compiler.selective_scan (torch.ops.vmeanba.selective_scan)"
+                    "vmeanba_compiler.selective_scan (torch.ops.vmeanba.selective_scan), or Mamba's "
+                    "selective_scan_fn / VMamba's csms6s selective_scan_fn (mapped onto it)"
                 )
             if impact:
                 observer.recording = False
                 for site_id, stats in observer.stats.items():
                     observer.reduced_site = site_id
-                    reduced = _call(traced, inputs)
-                    stats.impact.update(torch.tensor([_impact(full, reduced, target, loss_fn)]))
+                    reduced = _run(traced, inputs)
+                    stats.impact.update(torch.tensor([_impact(full, reduced, target, loss_fn)], dtype=torch.float64))
             num_batches += 1
             num_samples += _first_tensor(inputs).shape[0]
     torch._dynamo.reset()
@@ -187,6 +175,15 @@ def calibrate(
         settings={"dt_mode": dt_mode, "skip_mode": skip_mode,
                   "impact": None if not impact else ("loss" if loss_fn else "kl")},
     )
+
+
+def _run(traced: Callable, inputs: Any) -> Any:
+    try:
+        return call_with_inputs(traced, inputs)
+    except TypeError as error:
+        if "model inputs must be" in str(error):
+            raise CalibrationError(f"calibration batch: {error}") from None
+        raise
 
 
 def _split(batch: Any, loss_fn: Optional[Callable]) -> tuple[Any, Any]:

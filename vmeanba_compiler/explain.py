@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import VMeanbaConfig
 from .passes.vmeanba_rewrite import RewritePlan, plan_rewrite
+from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
 
 
 @dataclass(frozen=True)
@@ -104,15 +105,9 @@ def explain(model: nn.Module, example_inputs: Any, *, verbose: bool = True, **op
         plans.append(plan_rewrite(gm, config))
         return gm.forward
 
-    torch._dynamo.reset()
-    traced = torch.compile(model, backend=capture)
-    with torch.no_grad():
-        if isinstance(example_inputs, dict):
-            traced(**example_inputs)
-        elif isinstance(example_inputs, (tuple, list)):
-            traced(*example_inputs)
-        else:
-            traced(example_inputs)
+    traced = fresh_trace(model, capture)
+    with torch.no_grad(), backend_errors_unwrapped():
+        call_with_inputs(traced, example_inputs)
     torch._dynamo.reset()
     report = ExplainReport([r for p in plans for r in _site_reports(p, config)], graph_count=len(plans))
     if verbose:

@@ -39,9 +39,10 @@ object so the substitution does not recurse): an argument that is not a tensor (
 optional), or a tensor that is not real floating point, e.g. Mamba's complex A. Such calls trace
 as before, loop and all; the result is still correct.
 
-Mechanism: `torch.compiler.substitute_in_graph(original)(polyfill)`. It is public API (torch >=
-2.5, unchanged in 2.11..2.13) and registers the polyfill by the identity of the original function
-object, in Dynamo's id-dispatch table and trace rules. So:
+Mechanism: `torch.compiler.substitute_in_graph(original)(polyfill)`. It is public API (since
+torch 2.5; its registration code reads the same in every PyTorch source version we compared; the
+tests run on 2.13) and registers the polyfill by the identity of the original function object, in
+Dynamo's id-dispatch table and trace rules. So:
 - it fires wherever Dynamo meets that object, however the user reached it: a module-level
   `from mamba_ssm.ops.selective_scan_interface import selective_scan_fn` in the model's module
   (the case attribute patching misses: that module keeps its own reference), a module attribute,
@@ -275,6 +276,8 @@ class _SubstituteAfterExec(importlib.abc.Loader):
             log.warning("could not substitute scans of %s", module.__name__, exc_info=True)
 
     def __getattr__(self, name):
+        if name == "_loader":  # not yet set (e.g. during copy): do not recurse
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 

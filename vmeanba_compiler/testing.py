@@ -350,33 +350,24 @@ def assert_rewrite_matches_formulas(
     assert_scan_close(y, expected, inputs.u.dtype, what=f"rewrite vs formulas (groups={groups})")
 
 
-def _call_model(fn, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return fn(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return fn(*inputs)
-    return fn(inputs)
-
-
 def assert_backend_matches_eager(model: torch.nn.Module, inputs: Any, **options: Any) -> Tensor:
     """Compile `model` with `backend="vmeanba"` and `options`; assert its output equals eager
     execution of the same rewrite (`inductor=False`) within `MODEL_TOLERANCES`. When `options`
     select no site, also assert the eager rewrite is bit-identical to `model(inputs)`.
     Runs under torch.no_grad(); resets Dynamo before each compilation. Returns the output."""
     from .config import VMeanbaConfig
+    from .tracing import call_with_inputs, fresh_trace
 
     config = VMeanbaConfig.from_options(options)
     selects = config.sites or config.threshold is not None or config.top_k is not None
     with torch.no_grad():
-        torch._dynamo.reset()
-        eager_rewrite = _call_model(
-            torch.compile(model, backend="vmeanba", options={**options, "inductor": False}), inputs
+        eager_rewrite = call_with_inputs(
+            fresh_trace(model, "vmeanba", options={**options, "inductor": False}), inputs
         )
-        torch._dynamo.reset()
-        compiled = _call_model(torch.compile(model, backend="vmeanba", options=options), inputs)
+        compiled = call_with_inputs(fresh_trace(model, "vmeanba", options=options), inputs)
         torch._dynamo.reset()
         if not selects:
-            plain = _call_model(model, inputs)
+            plain = call_with_inputs(model, inputs)
             if not torch.equal(eager_rewrite, plain):
                 raise AssertionError("no site was selected, yet the graph run eagerly differs from the model")
     rtol, atol = MODEL_TOLERANCES[compiled.dtype]
