@@ -153,3 +153,54 @@ def test_backend_matches_eager_rewrite_on_random_small_models(model_and_images, 
     ids = [f"{name}:0" for name, m in model.named_modules() if isinstance(m, ss2d_module.SS2D)]
     chosen = data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=n_sites))
     assert_backend_matches_eager(model, images, sites=chosen)
+
+
+@pytest.mark.parametrize("mode", [("effective", "exact"), ("raw", "mean")])
+def test_rewritten_site_is_differentiable_gradcheck(mode):
+    gen = torch.Generator().manual_seed(1)
+    f64 = torch.float64
+    batch, groups, width, n, length = 1, 2, 3, 2, 5
+    dim = groups * width
+    leaves = [
+        torch.randn(batch, dim, length, generator=gen, dtype=f64),
+        0.5 * torch.randn(batch, dim, length, generator=gen, dtype=f64),
+        -torch.rand(dim, n, generator=gen, dtype=f64) - 0.5,
+        torch.randn(batch, groups, n, length, generator=gen, dtype=f64),
+        torch.randn(batch, groups, n, length, generator=gen, dtype=f64),
+        torch.randn(dim, generator=gen, dtype=f64),
+        torch.randn(batch, dim, length, generator=gen, dtype=f64),
+        torch.randn(dim, generator=gen, dtype=f64),
+    ]
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def reduced(*args):
+        return reduced_selective_scan(*args, True, groups=groups, dt_mode=mode[0], skip_mode=mode[1])[0]
+
+    assert torch.autograd.gradcheck(reduced, leaves)
+
+
+def test_training_through_the_rewritten_model_follows_the_eager_rewrite():
+    sites = ["stages.0.0.op:0", "stages.1.0.op:0"]
+    torch.manual_seed(0)
+    first = build_vmamba("vmamba_mini")
+    second = build_vmamba("vmamba_mini")
+    second.load_state_dict(first.state_dict())
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    losses = {}
+    torch._dynamo.reset()
+    for name, model, inductor in (("eager_rewrite", first, False), ("compiled", second, True)):
+        fn = torch.compile(model, backend="vmeanba", options={"sites": sites, "inductor": inductor})
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        history = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(fn(images), labels)
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+        losses[name] = history
+    torch._dynamo.reset()
+    assert losses["compiled"][-1] < losses["compiled"][0], losses
+    torch.testing.assert_close(
+        torch.tensor(losses["compiled"]), torch.tensor(losses["eager_rewrite"]), rtol=1e-4, atol=1e-4
+    )
