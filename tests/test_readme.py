@@ -1,0 +1,27 @@
+"""Keep the README true: every python block in it runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_examples():
+    assert len(BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_python_block_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"readme_block_{index}"}
+    exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
+    for name, value in list(namespace.items()):  # property tests defined in a block run too
+        if name.startswith("test_") and callable(value):
+            value()
+    torch._dynamo.reset()
