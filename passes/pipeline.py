@@ -1,32 +1,48 @@
-"""The pass manager: an ordered list of graph passes, each `(gm, config) -> gm`.
+"""The pass manager: ordered graph passes, each `(gm, config) -> gm`.
 
 Passes run on the Dynamo-level FX graph, before AOT autograd splits forward and backward, so a
-rewrite applies to training and inference alike (FEASIBILITY.md, "Into Inductor"). Order:
-site discovery and selection, then the rewrite (vmeanba_rewrite.py), then Inductor.
+rewrite applies to training and inference alike (FEASIBILITY.md, "Into Inductor"). Two stages:
+
+1. canonicalisation (`CANONICALIZE`): scans written in other forms become
+   `vmeanba.selective_scan` nodes (lower_associative_scan.py). Every consumer of site ids (the
+   backend, `calibrate`, `explain`) runs this stage, so all of them see the same sites.
+2. the VMeanba rewrite (vmeanba_rewrite.py): site discovery, selection, mean -> reduced scan ->
+   expand. Then the backend hands the graph to Inductor.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch.fx
 
+from .lower_associative_scan import lower_associative_scan
 from .vmeanba_rewrite import vmeanba_rewrite
 
 log = logging.getLogger("vmeanba_compiler.passes")
 
 GraphPass = Callable[[torch.fx.GraphModule, "object"], torch.fx.GraphModule]
 
-PASSES: list[tuple[str, GraphPass]] = [("vmeanba_rewrite", vmeanba_rewrite)]
+CANONICALIZE: list[tuple[str, GraphPass]] = [("lower_associative_scan", lower_associative_scan)]
+PASSES: list[tuple[str, GraphPass]] = [*CANONICALIZE, ("vmeanba_rewrite", vmeanba_rewrite)]
 
 
-def run_passes(gm: torch.fx.GraphModule, config: object) -> torch.fx.GraphModule:
-    """Apply every registered pass in order, logging each one's effect on the graph size."""
-    for name, graph_pass in PASSES:
+def _apply(gm: torch.fx.GraphModule, config: object, passes: Sequence[tuple[str, GraphPass]]) -> torch.fx.GraphModule:
+    for name, graph_pass in passes:
         before = len(gm.graph.nodes)
         gm = graph_pass(gm, config)
         gm.graph.lint()
         gm.recompile()
         log.debug("pass %s: %d -> %d nodes", name, before, len(gm.graph.nodes))
     return gm
+
+
+def canonicalize(gm: torch.fx.GraphModule, config: object = None) -> torch.fx.GraphModule:
+    """Stage 1 only: turn every recognised scan into a `vmeanba.selective_scan` node."""
+    return _apply(gm, config, CANONICALIZE)
+
+
+def run_passes(gm: torch.fx.GraphModule, config: object) -> torch.fx.GraphModule:
+    """Every pass in order, logging each one's effect on the graph size."""
+    return _apply(gm, config, PASSES)

@@ -12,7 +12,7 @@ import torch
 
 from vmeanba_compiler.config import VMeanbaConfig
 from vmeanba_compiler.models import build_vmamba
-from vmeanba_compiler.testing import MODEL_TOLERANCES
+from vmeanba_compiler.testing import MODEL_TOLERANCES, training_losses
 
 
 @pytest.fixture(autouse=True)
@@ -69,17 +69,10 @@ def test_training_through_the_backend_follows_eager_training():
     compiled_model.load_state_dict(eager_model.state_dict())
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     compiled = torch.compile(compiled_model, backend="vmeanba")
-    losses = {}
-    for name, model, fn in (("eager", eager_model, eager_model), ("compiled", compiled_model, compiled)):
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        history = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(fn(images), labels)
-            loss.backward()
-            opt.step()
-            history.append(loss.item())
-        losses[name] = history
+    losses = {
+        "eager": training_losses(eager_model, eager_model, images, labels),
+        "compiled": training_losses(compiled, compiled_model, images, labels),
+    }
     assert losses["compiled"][-1] < losses["compiled"][0], losses
     torch.testing.assert_close(
         torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-4

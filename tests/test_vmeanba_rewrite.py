@@ -21,6 +21,7 @@ from vmeanba_compiler.testing import (
     scan_inputs,
     site_groups,
     small_vmamba_models,
+    training_losses,
     vmeanba_formula,
 )
 
@@ -186,19 +187,14 @@ def test_training_through_the_rewritten_model_follows_the_eager_rewrite():
     second = build_vmamba("vmamba_mini")
     second.load_state_dict(first.state_dict())
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    losses = {}
     torch._dynamo.reset()
-    for name, model, inductor in (("eager_rewrite", first, False), ("compiled", second, True)):
-        fn = torch.compile(model, backend="vmeanba", options={"sites": sites, "inductor": inductor})
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        history = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(fn(images), labels)
-            loss.backward()
-            opt.step()
-            history.append(loss.item())
-        losses[name] = history
+    losses = {
+        name: training_losses(
+            torch.compile(model, backend="vmeanba", options={"sites": sites, "inductor": inductor}),
+            model, images, labels,
+        )
+        for name, model, inductor in (("eager_rewrite", first, False), ("compiled", second, True))
+    }
     torch._dynamo.reset()
     assert losses["compiled"][-1] < losses["compiled"][0], losses
     torch.testing.assert_close(

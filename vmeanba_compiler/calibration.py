@@ -16,6 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .passes import canonicalize
 from .passes.reduced_scan import reduced_selective_scan
 from .passes.scan_sites import find_scan_sites, scan_arguments
 from .passes.site_selection import site_signature
@@ -75,6 +76,7 @@ class _SiteObserver(nn.Module):
 
 def _instrumenting_backend(observer: _SiteObserver) -> Callable:
     def backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        gm = canonicalize(gm)
         gm.add_submodule("vmeanba_observer", observer)
         for site in find_scan_sites(gm):
             observer.signatures.setdefault(site.site_id, site_signature(site))

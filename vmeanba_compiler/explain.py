@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import VMeanbaConfig
+from .passes import canonicalize
 from .passes.vmeanba_rewrite import RewritePlan, plan_rewrite
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
 
@@ -102,7 +103,7 @@ def explain(model: nn.Module, example_inputs: Any, *, verbose: bool = True, **op
     plans: list[RewritePlan] = []
 
     def capture(gm: torch.fx.GraphModule, _example_inputs) -> Any:
-        plans.append(plan_rewrite(gm, config))
+        plans.append(plan_rewrite(canonicalize(gm, config), config))
         return gm.forward
 
     traced = fresh_trace(model, capture)

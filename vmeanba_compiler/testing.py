@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ __all__ = [
     "scan_inputs",
     "site_groups",
     "small_vmamba_models",
+    "training_losses",
     "vmeanba_formula",
 ]
 
@@ -373,6 +374,26 @@ def assert_backend_matches_eager(model: torch.nn.Module, inputs: Any, **options:
     rtol, atol = MODEL_TOLERANCES[compiled.dtype]
     torch.testing.assert_close(compiled, eager_rewrite, rtol=rtol, atol=atol)
     return compiled
+
+
+def training_losses(
+    forward: Callable[..., Tensor], model: torch.nn.Module, inputs: Any, targets: Tensor,
+    steps: int = 3, lr: float = 0.05,
+) -> list[float]:
+    """Cross-entropy losses of `steps` SGD steps on one batch, calling `forward` (the model itself,
+    or a compiled version of it) and updating `model`'s parameters: compare the histories of an
+    eager and a compiled copy to check that training through the backend behaves alike."""
+    from .tracing import call_with_inputs
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(call_with_inputs(forward, inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def small_vmamba_models(max_stages: int = 2, max_depth: int = 2):
