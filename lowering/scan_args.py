@@ -82,10 +82,15 @@ def validate_scan_args(
     D: Optional[torch.Tensor] = None,
     z: Optional[torch.Tensor] = None,
     delta_bias: Optional[torch.Tensor] = None,
+    *,
+    strict_dtypes: bool = True,
 ) -> ScanShape:
     """Check every argument against VMEANBA.md section 1 and return the call's sizes.
 
     Raises ValueError (shape), TypeError (dtype) or RuntimeError (device) naming the argument.
+    strict_dtypes=False accepts a `delta` whose dtype differs from `u`'s: graph passes read calls
+    Dynamo recorded inside autocast regions, where the op's autocast rule reconciles the two.
+    Sizes are only compared, never converted to int, so symbolic (SymInt) sizes stay symbolic.
     """
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     for name, t in named.items():
@@ -108,7 +113,7 @@ def validate_scan_args(
     batch, dim, length = u.shape
     if tuple(delta.shape) != (batch, dim, length):
         _fail("delta", delta, f"(batch={batch}, dim={dim}, L={length}), the shape of 'u'")
-    if delta.dtype != u.dtype:
+    if strict_dtypes and delta.dtype != u.dtype:
         raise TypeError(
             f"selective_scan: 'delta' has dtype {delta.dtype} but 'u' has {u.dtype}; pass both in one dtype"
         )
@@ -132,3 +137,21 @@ def per_channel(proj: torch.Tensor, shape: ScanShape, form: ProjectionForm) -> t
     if form is ProjectionForm.SHARED:
         return proj.unsqueeze(1)
     return proj[None, :, :, None]
+
+
+def projection_strides(proj: torch.Tensor, form: ProjectionForm, dim: int) -> tuple[int, int, int, int, int]:
+    """Where B or C element (batch b, channel c, state n, time t) lives, for kernels that read
+    the tensor in place: offset b*sb + (c // cpg)*sg + n*sn + t*st. Returns (sb, sg, sn, st, cpg).
+
+    One formula covers the three forms: shared B/C has no group stride (cpg = dim), fixed B/C has
+    no batch or time stride (one row per channel, cpg = 1). Strides are the tensor's own, so
+    transposed or sliced views need no copy.
+    """
+    if form is ProjectionForm.GROUPED:
+        sb, sg, sn, st = proj.stride()
+        return sb, sg, sn, st, dim // proj.shape[1]
+    if form is ProjectionForm.SHARED:
+        sb, sn, st = proj.stride()
+        return sb, 0, sn, st, dim
+    sg, sn = proj.stride()
+    return 0, sg, sn, 0, 1

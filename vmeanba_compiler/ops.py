@@ -5,7 +5,9 @@ The scan is a `torch.library` custom op with a fake kernel, so Dynamo records it
 is a second custom op, so AOT autograd never decomposes the scan into per-step work either.
 
 Device kernels live in `vmeanba_compiler.lowering`: the portable default runs the readable
-reference (any device); CPU tensors take the compiled fast path.
+reference (any device); CPU tensors take the compiled fast path; CUDA tensors take the Triton
+kernels, launched directly in eager mode and inlined into Inductor's generated code under
+torch.compile (`lowering/cuda_dispatch.py` explains the two registrations at the end of this file).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from .lowering import scan_cpu
-from .lowering.scan_args import compute_dtype_for, validate_scan_args
+from .lowering import cuda_dispatch, scan_cpu
+from .lowering.scan_args import FLOAT_DTYPES, compute_dtype_for, validate_scan_args
 from .lowering.scan_reference import selective_scan_reference
 
 _GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -123,6 +126,45 @@ def _backward(ctx, grad_y, grad_last_state):
 
 
 _selective_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- CUDA tensors: the Triton kernels (imported on first use; CPU and other devices unaffected) --
+_selective_scan.register_kernel("cuda")(cuda_dispatch.forward)
+_selective_scan.register_torch_dispatch(FunctionalTensorMode, cuda_dispatch.inline_forward)
+_selective_scan_backward.register_kernel("cuda")(cuda_dispatch.backward)
+_selective_scan_backward.register_torch_dispatch(FunctionalTensorMode, cuda_dispatch.inline_backward)
+
+
+def _autocast_rule(device_type: str):
+    """The op's kernel for `device_type`'s autocast dispatch key.
+
+    Why a rule at all: a custom op is not autocast-aware, and autocast can hand the scan `u` and
+    `delta` in different dtypes (one made by a matmul or conv in the low-precision dtype, the other
+    by a float32-policy op), which the op refuses outside autocast. The rule never casts down: it
+    runs the op with autocast off, so the math stays float32 (float64 for float64 `u`) and `y` comes
+    back in `u`'s dtype, exactly as outside autocast. Only where `u` and `delta` differ are both
+    upcast to the math dtype first (exact) and `y` cast back to `u`'s dtype, which is also what
+    the VMeanba rewrite (passes/reduced_scan.py) returns for the same call.
+    """
+
+    def kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        # (the dispatcher leaves out trailing arguments that have their default values)
+        with torch.autocast(device_type, enabled=False):
+            mixed = u.dtype != delta.dtype and u.dtype in FLOAT_DTYPES and delta.dtype in FLOAT_DTYPES
+            if not mixed:
+                return torch.ops.vmeanba.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            math = compute_dtype_for(u)
+            y, last_state = torch.ops.vmeanba.selective_scan(
+                u.to(math), delta.to(math), A, B, C, D, z, delta_bias, delta_softplus
+            )
+            return y.to(u.dtype), last_state
+
+    return kernel
+
+
+_autocast_library = torch.library.Library("vmeanba", "IMPL")
+for _device_type, _dispatch_key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _autocast_library.impl("selective_scan", _autocast_rule(_device_type), _dispatch_key)
 
 
 def selective_scan(

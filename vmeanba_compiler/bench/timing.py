@@ -34,6 +34,27 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[floa
     return samples
 
 
+def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int = 1, flush_l2: bool = True) -> list[float]:
+    """Seconds per call of `fn` on the current CUDA stream, measured with CUDA events around the
+    call alone. With `flush_l2`, a 256 MiB buffer is overwritten before every timed call, so
+    inputs come from DRAM as they would in a model, not from a warm L2 (which would inflate the
+    bandwidth of small shapes)."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if flush_l2 else None
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return samples
+
+
 def summarize(samples: list[float]) -> dict[str, Any]:
     """Median and all samples, in milliseconds."""
     return {

@@ -1,0 +1,59 @@
+"""The Triton kernels on CPU tensors under the Triton interpreter, against the float64 reference.
+
+Not collected by the main test run (the name does not start with test_): tests/test_triton_kernels.py
+runs this file in a child pytest process with TRITON_INTERPRET=1, which Triton reads when the
+kernels are decorated, i.e. before this process imports Triton. Shapes are small (the interpreter
+runs each tile operation in numpy, a scan element by element): the kernels' interpreter config
+(4 channels x 8 steps per tile) still makes them span several channel blocks and time chunks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run through tests/test_triton_kernels.py (needs TRITON_INTERPRET=1)", allow_module_level=True)
+
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import triton_checks  # noqa: E402
+from vmeanba_compiler.testing import ScanInputs, scan_inputs, site_groups  # noqa: E402
+
+SMALL = {"max_batch": 2, "max_dim": 8, "max_state": 4, "max_length": 12}
+
+
+@settings(max_examples=25)
+@given(x=scan_inputs(**SMALL))
+def test_forward_matches_reference(x: ScanInputs) -> None:
+    triton_checks.assert_forward_matches_reference(x, "cpu")
+
+
+@settings(max_examples=15)
+@given(
+    x=scan_inputs(**SMALL, dtypes=(torch.float32, torch.float64)),
+    grad_seed=st.integers(0, 2**32 - 1),
+    with_last_state=st.booleans(),
+)
+def test_backward_matches_autograd_through_reference(x: ScanInputs, grad_seed: int, with_last_state: bool) -> None:
+    triton_checks.assert_backward_matches_reference(x, grad_seed, with_last_state, "cpu")
+
+
+@settings(max_examples=20)
+@given(x=scan_inputs(**SMALL), data=st.data())
+def test_fused_site_matches_reduced_scan(x: ScanInputs, data: st.DataObject) -> None:
+    dim, base = x.u.shape[1], site_groups(x)
+    groups = data.draw(st.sampled_from([g for g in range(base, dim + 1, base) if dim % g == 0]), label="groups")
+    triton_checks.assert_fused_matches_reduced_site(x, groups, "cpu")
+
+
+@settings(max_examples=6)
+@given(x=scan_inputs(**SMALL, dtypes=(torch.float32,)), grad_seed=st.integers(0, 2**32 - 1))
+def test_kernels_read_strided_views_in_place(x: ScanInputs, grad_seed: int) -> None:
+    views = triton_checks.strided(x)
+    triton_checks.assert_forward_matches_reference(views, "cpu")
+    triton_checks.assert_backward_matches_reference(views, grad_seed, True, "cpu")
+    triton_checks.assert_fused_matches_reduced_site(views, site_groups(x), "cpu")
