@@ -10,6 +10,7 @@ Matched: `torch.ops.vmeanba.selective_scan` nodes. Anything else is left alone.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import torch.fx
 
 from .. import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
 from ..lowering.scan_args import ProjectionForm, validate_scan_args
+
+log = logging.getLogger("vmeanba_compiler.passes")
 
 _SCAN_OP = torch.ops.vmeanba.selective_scan
 SCAN_TARGETS = (_SCAN_OP, _SCAN_OP.default)
@@ -109,7 +112,11 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
             continue
         bound = scan_arguments(node)
         values = {k: _meta_value(v) for k, v in bound.items()}
-        shape = validate_scan_args(*(values[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
+        # Not strict on dtypes: inside an autocast region u and delta may differ (ops.py's
+        # autocast rule reconciles them when the graph runs, and the rewrite computes in float32).
+        shape = validate_scan_args(
+            *(values[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), strict_dtypes=False
+        )
         module_path = _module_path(node)
         index = calls_per_module.get(module_path, 0)
         calls_per_module[module_path] = index + 1
@@ -130,4 +137,8 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
                 node=node,
             )
         )
+        site = sites[-1]
+        log.debug("matched scan site %s: dim=%d N=%d groups=%d B=%s C=%s D=%s z=%s batch=%s L=%s", site.site_id,
+                  site.dim, site.state, site.groups, site.b_form, site.c_form, site.has_D, site.has_z,
+                  site.batch, site.length)
     return sites

@@ -8,6 +8,7 @@ a site is measured by running each batch once more per site with only that site 
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 from typing import Any, Callable, Iterable, Optional
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .passes import canonicalize
-from .passes.reduced_scan import reduced_selective_scan
+from .passes.reduced_scan import DT_MODES, SKIP_MODES, reduced_selective_scan
 from .passes.scan_sites import find_scan_sites, scan_arguments
 from .passes.site_selection import site_signature
 from .profile import PROFILE_FORMAT_VERSION, Profile, SiteSignature, SiteStats, parameter_hash
@@ -135,6 +136,7 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
+    _check_arguments(model, batches, loss_fn, impact, max_batches, dt_mode, skip_mode, progress)
     observer = _SiteObserver(dt_mode, skip_mode)
     traced = fresh_trace(model, _instrumenting_backend(observer))
     total = None if not hasattr(batches, "__len__") else len(batches)  # type: ignore[arg-type]
@@ -167,6 +169,8 @@ def calibrate(
         raise CalibrationError(
             "calibrate got no batches: pass a non-empty iterable of model inputs (e.g. a DataLoader)"
         )
+    log.info("calibrated %d scan sites on %d batches (%d samples): %s", len(observer.stats), num_batches,
+             num_samples, ", ".join(sorted(observer.stats)))
     return Profile(
         format_version=PROFILE_FORMAT_VERSION,
         signatures=dict(observer.signatures),
@@ -177,6 +181,33 @@ def calibrate(
         settings={"dt_mode": dt_mode, "skip_mode": skip_mode,
                   "impact": None if not impact else ("loss" if loss_fn else "kl")},
     )
+
+
+def _check_arguments(model: Any, batches: Any, loss_fn: Any, impact: Any, max_batches: Any, dt_mode: Any,
+                     skip_mode: Any, progress: Any) -> None:
+    """Refuse bad arguments before anything is traced or run; each error names the argument and
+    the fix (a late failure would come after minutes of calibration, or as a confusing model error)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calibrate: 'model' must be a torch.nn.Module (the profile records its weights' hash), "
+                        f"got {type(model).__name__}")
+    if isinstance(batches, Tensor):
+        raise TypeError("calibrate: 'batches' is one Tensor, which would be iterated along its first dimension; "
+                        "pass an iterable of batches, e.g. [images] or a DataLoader")
+    if not isinstance(batches, collections.abc.Iterable):
+        raise TypeError(f"calibrate: 'batches' must be an iterable of model inputs (a list, a generator or a "
+                        f"DataLoader), got {type(batches).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"calibrate: 'loss_fn' must be callable as loss_fn(output, target) or None, "
+                        f"got {type(loss_fn).__name__}")
+    for name, value in (("impact", impact), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"calibrate: {name!r} must be True or False, got {value!r}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"calibrate: 'max_batches' must be an int >= 1 or None (all batches), got {max_batches!r}")
+    for name, value, choices in (("dt_mode", dt_mode, DT_MODES), ("skip_mode", skip_mode, SKIP_MODES)):
+        if value not in choices:
+            raise ValueError(f"calibrate: {name!r} must be one of {choices}, got {value!r}")
 
 
 def _run(traced: Callable, inputs: Any) -> Any:

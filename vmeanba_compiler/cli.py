@@ -1,4 +1,9 @@
-"""The `vmeanba` command line: `vmeanba demo`, `vmeanba bench-scan`, `--version`."""
+"""The `vmeanba` command line.
+
+demo, train-demo, experiments: the bundled digits model (real data, shipped checkpoint).
+calibrate, report, bench: the same verbs on a user's own model and data.
+bench-scan: the selective-scan kernel benchmark.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +12,144 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .demo import DEFAULT_BUDGET
+from .training import TrainingSettings
+
+_MODEL_HELP = ("model: 'module:attr' naming an nn.Module or a factory called without arguments "
+               "(e.g. vmeanba_compiler.training:bundled_model)")
+_CHECKPOINT_HELP = ("weights: a state_dict file (with --model), or alone a checkpoint written by "
+                    "`vmeanba train-demo`; read with weights_only=True")
+_DATA_HELP = ("data: 'module:attr' naming an iterable of batches or a function returning one; a batch is a "
+              "Tensor, a tuple of positional inputs or a dict of keyword inputs (with --labelled: an "
+              "(inputs, labels) pair), e.g. vmeanba_compiler.digits:calibration_batches")
+_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vmeanba",
-        description="VMeanba for torch.compile: run low-variance selective scans on the channel mean.",
-    )
-    parser.add_argument("--version", action="version", version=f"vmeanba-compiler {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_model_args(parser: argparse.ArgumentParser, data_required: bool) -> None:
+    parser.add_argument("--model", metavar="MODULE:ATTR", help=_MODEL_HELP)
+    parser.add_argument("--checkpoint", metavar="PATH", help=_CHECKPOINT_HELP)
+    parser.add_argument("--data", metavar="MODULE:ATTR", required=data_required, help=_DATA_HELP)
+    parser.add_argument("--labelled", action="store_true",
+                        help="batches are (inputs, labels) pairs, labels = class ids")
 
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _digits_commands(sub) -> None:
     demo = sub.add_parser(
-        "demo",
-        help="compile the bundled miniature VMamba with backend='vmeanba' and compare with eager",
-        description="Compile a bundled VMamba with backend='vmeanba', check its output against eager "
-        "execution within the float32 tolerance, and time both (median of repeats).",
+        "demo", formatter_class=_FORMATTER,
+        help="calibrate, select for an accuracy budget, compile and time the bundled digits VMamba",
+        description="The main job on the bundled VMamba trained on scikit-learn's digits: calibrate on the "
+        "calibration split, select the sites that fit the accuracy budget, compile with backend='vmeanba' "
+        "and backend='inductor', print sites reduced, test accuracy of both and the speedup (median of "
+        "interleaved repeats), and write plots, the profile and results.json into --out. Fails if the "
+        "compiled rewrite disagrees with the same rewrite run eagerly.",
     )
-    demo.add_argument("--model", default="vmamba_mini", help="a name from vmeanba_compiler.models.MODEL_CONFIGS")
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--image-size", type=int, default=32)
-    demo.add_argument("--repeats", type=int, default=20, help="timed runs per variant (median reported)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="vmeanba-demo", help="folder for plots, profile.json and results.json")
+    demo.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_BUDGET,
+                      help="accuracy budget as a fraction (0.01 = one point); the default is the paper's "
+                      "operating point")
+    demo.add_argument("--confidence", type=float, default=0.95,
+                      help="one-sided confidence of the drop bound the budget is judged by")
+    demo.add_argument("--repeats", type=int, default=20, help="timed runs per backend (median reported)")
+    demo.add_argument("--checkpoint", metavar="PATH", help="a `vmeanba train-demo` checkpoint (default: bundled)")
+    _add_quiet(demo)
+
+    train = sub.add_parser(
+        "train-demo", formatter_class=_FORMATTER,
+        help="train the digits VMamba and write its checkpoint",
+        description="Train vmamba_digits on the train split of scikit-learn's digits (seeded, one thread) and "
+        "write a checkpoint with the split and training metadata. With the default seed and epochs and the "
+        "same torch version this reproduces the bundled checkpoint bit for bit: "
+        "`vmeanba train-demo --out vmeanba_compiler/assets/digits_vmamba.pt`.",
+    )
+    train.add_argument("--out", default="digits_vmamba.pt", help="where to write the checkpoint")
+    train.add_argument("--epochs", type=int, default=TrainingSettings.epochs, help="passes over the train split")
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    _add_quiet(train)
+
+    experiments = sub.add_parser(
+        "experiments", formatter_class=_FORMATTER,
+        help="regenerate docs/RESULTS.md: rankings, budgets, pruning and speed on the digits model",
+        description="Accuracy-vs-K for three rankings (impact, variance ratio, random), the budget selector at "
+        "0.5%%, 1%% and 3%%, 40%% magnitude pruning alone / VMeanba alone / both, and the speed of "
+        "backend='vmeanba' vs backend='inductor', all on the held-out test split; writes RESULTS.md and "
+        "PNGs under img/ in --out.",
+    )
+    experiments.add_argument("--out", default="docs", help="folder for RESULTS.md (plots go to its img/)")
+    experiments.add_argument("--repeats", type=int, default=20, help="timed runs per backend")
+    experiments.add_argument("--threads", type=int, default=1,
+                             help="torch threads for the speed section (one: steady on a shared machine)")
+    experiments.add_argument("--random-orders", type=int, default=10, help="orders averaged for the random ranking")
+    experiments.add_argument("--seed", type=int, default=0, help="seed of the random-ranking orders")
+    experiments.add_argument("--checkpoint", metavar="PATH", help="a `vmeanba train-demo` checkpoint (default: bundled)")
+    _add_quiet(experiments)
+
+
+def _user_model_commands(sub) -> None:
+    cal = sub.add_parser(
+        "calibrate", formatter_class=_FORMATTER,
+        help="calibrate a model's scan sites on sample data and save the profile JSON",
+        description="Run the model on --data and record, per selective-scan site, the channel variance ratio, "
+        "the reduced scan's relative error and the layer-impact score (KL of the logits, or the change of "
+        "cross-entropy with --impact loss). The profile feeds backend options profile=, threshold=, top_k=.",
+    )
+    _add_model_args(cal, data_required=True)
+    cal.add_argument("--impact", choices=("kl", "loss", "none"), default="kl",
+                     help="impact score: KL of outputs, cross-entropy change (needs --labelled), or skip it")
+    cal.add_argument("--max-batches", type=int, help="use at most this many batches")
+    cal.add_argument("--dt-mode", choices=("effective", "raw"), default="effective",
+                     help="how a reduced site averages its step size (must match compilation)")
+    cal.add_argument("--skip-mode", choices=("exact", "mean"), default="exact",
+                     help="how a reduced site treats D*u and the z gate (must match compilation)")
+    cal.add_argument("--out", default="profile.json", help="where to write the profile")
+    _add_quiet(cal)
+
+    rep = sub.add_parser(
+        "report", formatter_class=_FORMATTER,
+        help="print a profile's per-site table and plot it; with model and labelled data, accuracy vs K",
+        description="Per-site table (variance ratio, relative error, impact, ranks) and site_metrics.png. With "
+        "--model/--checkpoint and --labelled --data, also the accuracy after reducing the K first sites of "
+        "each ranking (impact, ratio, random) as a table and accuracy_vs_k.png.",
+    )
+    rep.add_argument("profile", metavar="PROFILE", help="a profile JSON written by `vmeanba calibrate`")
+    _add_model_args(rep, data_required=False)
+    rep.add_argument("--out", default="vmeanba-report", help="folder for the PNGs")
+    rep.add_argument("--random-orders", type=int, default=5, help="orders averaged for the random ranking")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the random orders")
+    rep.add_argument("--markdown", action="store_true", help="print tables as markdown")
+    _add_quiet(rep)
 
     bench = sub.add_parser(
-        "bench-scan",
+        "bench", formatter_class=_FORMATTER,
+        help="time backend='vmeanba' with a site selection against backend='inductor' on a model",
+        description="Compile the model with backend='inductor' and with backend='vmeanba' and the chosen "
+        "sites, time both on the same inputs (median of interleaved repeats) and write JSON with the "
+        "machine it ran on. Choose sites with exactly one of --sites, --top-k, --threshold (the last two with "
+        "--profile) or --max-accuracy-drop (with --profile and --labelled --data).",
+    )
+    _add_model_args(bench, data_required=False)
+    bench.add_argument("--input-shape", help="time random inputs of this shape instead of --data, e.g. 64,1,8,8")
+    bench.add_argument("--profile", metavar="PROFILE", help="a profile JSON for --top-k/--threshold/--max-accuracy-drop")
+    bench.add_argument("--sites", help="comma-separated site ids, e.g. stages.0.0.op:0,stages.1.0.op:0")
+    bench.add_argument("--top-k", type=int, help="reduce the K sites of lowest impact")
+    bench.add_argument("--threshold", type=float, help="reduce the sites whose --metric is at most this")
+    bench.add_argument("--metric", choices=("ratio", "variance"), default="ratio", help="metric of --threshold")
+    bench.add_argument("--max-accuracy-drop", type=float,
+                       help="reduce the sites select_for_budget picks for this budget (a fraction)")
+    bench.add_argument("--confidence", type=float, default=0.95, help="confidence of --max-accuracy-drop's bound")
+    bench.add_argument("--repeats", type=int, default=20, help="timed runs per backend")
+    bench.add_argument("--threads", type=int, help="torch threads while compiling and timing (default: torch's)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of --input-shape's random inputs")
+    bench.add_argument("--out", default="results/cpu/model_bench.json", help="where to write the JSON")
+    _add_quiet(bench)
+
+
+def _scan_bench_command(sub) -> None:
+    bench = sub.add_parser(
+        "bench-scan", formatter_class=_FORMATTER,
         help="benchmark the fast CPU selective scan against the reference and Inductor loops",
         description="Time the CPU selective scan (C kernel) against the sequential reference loop, "
         "an Inductor-compiled step loop and an Inductor-compiled associative_scan; save JSON.",
@@ -44,22 +163,46 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference-repeats", type=int, default=3, help="timed runs of the slow loops")
     bench.add_argument("--skip-inductor", action="store_true", help="leave out the Inductor contenders")
     bench.add_argument("--out", default="results/cpu/scan_bench.json", help="where to write the JSON")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmeanba",
+        description="VMeanba for torch.compile: run low-variance selective scans on the channel mean.",
+    )
+    parser.add_argument("--version", action="version", version=f"vmeanba-compiler {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _digits_commands(sub)
+    _user_model_commands(sub)
+    _scan_bench_command(sub)
     return parser
+
+
+def _handler(command: str):
+    if command == "demo":
+        from .demo import main
+    elif command == "train-demo":
+        from .training import main
+    elif command == "experiments":
+        from .experiments import main
+    elif command == "calibrate":
+        from .commands import calibrate_main as main
+    elif command == "report":
+        from .commands import report_main as main
+    elif command == "bench":
+        from .commands import bench_main as main
+    else:
+        from .bench.scan_cpu import main
+    return main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(args)
-    if args.command == "bench-scan":
-        from .bench.scan_cpu import main as bench_main
-
-        return bench_main(args)
-    parser.print_help()
-    return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return _handler(args.command)(args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ An image is read as four 1D sequences (row-major, column-major, and both reverse
 every pixel sees context from all four directions. The four routes are stacked on the channel
 axis and scanned by ONE `selective_scan` call (K=4 groups of d_inner channels, grouped B/C),
 which is exactly the call site the VMeanba pass rewrites (VMEANBA.md section 1).
+
+VMamba's lighter variants read fewer routes: K=2 (row-major and its reverse, "bidirectional")
+or K=1 (row-major only); `SS2D(routes=...)` selects them. The default is the published K=4.
 """
 
 from __future__ import annotations
@@ -18,24 +21,41 @@ from torch import Tensor, nn
 from ..ops import selective_scan
 
 ROUTES = 4  # K: row-major, column-major, row-major reversed, column-major reversed
+ROUTE_CHOICES = (1, 2, 4)  # row-major only; plus its reverse; all four
 
 
-def cross_scan(x: Tensor) -> Tensor:
-    """(B, d, H, W) -> (B, 4, d, H*W): the four scan routes, stacked on a new K axis."""
+def cross_scan(x: Tensor, routes: int = ROUTES) -> Tensor:
+    """(B, d, H, W) -> (B, K, d, H*W): the K scan routes, stacked on a new K axis.
+
+    K=4: row-major, column-major, and both reversed; K=2: row-major and row-major reversed;
+    K=1: row-major.
+    """
     rows = x.flatten(2)  # row-major: W varies fastest
+    if routes == 1:
+        return rows.unsqueeze(1)
+    if routes == 2:
+        return torch.stack([rows, rows.flip(-1)], dim=1)
+    if routes != 4:
+        raise ValueError(f"cross_scan: routes must be one of {ROUTE_CHOICES}, got {routes!r}")
     cols = x.transpose(2, 3).flatten(2)  # column-major: H varies fastest
     forward = torch.stack([rows, cols], dim=1)
     return torch.cat([forward, forward.flip(-1)], dim=1)
 
 
 def cross_merge(y: Tensor, height: int, width: int) -> Tensor:
-    """(B, 4, d, H*W) -> (B, d, H, W): undo each route's flip/transpose and sum the routes.
+    """(B, K, d, H*W) -> (B, d, H, W): undo each route's flip/transpose and sum the routes.
 
-    The adjoint of `cross_scan`, so cross_merge(cross_scan(x)) == 4 * x.
+    The adjoint of `cross_scan` (K read off y's shape), so cross_merge(cross_scan(x, K)) == K * x.
     """
     batch, routes, dim, length = y.shape
-    if routes != ROUTES or length != height * width:
-        raise ValueError(f"cross_merge: expected (B, 4, d, {height}*{width}), got {tuple(y.shape)}")
+    if routes not in ROUTE_CHOICES or length != height * width:
+        raise ValueError(
+            f"cross_merge: expected (B, K, d, {height}*{width}) with K in {ROUTE_CHOICES}, got {tuple(y.shape)}"
+        )
+    if routes == 1:
+        return y[:, 0].reshape(batch, dim, height, width)
+    if routes == 2:
+        return (y[:, 0] + y[:, 1].flip(-1)).reshape(batch, dim, height, width)
     y = y[:, :2] + y[:, 2:].flip(-1)  # fold the reversed routes onto the forward ones
     rows = y[:, 0].reshape(batch, dim, height, width)
     cols = y[:, 1].reshape(batch, dim, width, height).transpose(2, 3)
@@ -55,6 +75,7 @@ class SS2D(nn.Module):
 
     in_proj -> depthwise 3x3 conv + SiLU -> cross_scan -> x_proj / dt_projs -> ONE selective_scan
     over K*d_inner channels -> cross_merge -> LayerNorm -> [* silu(z)] -> out_proj.
+    routes: K, the number of scan routes (1, 2 or 4; see `cross_scan`).
     """
 
     def __init__(
@@ -65,12 +86,15 @@ class SS2D(nn.Module):
         dt_rank: Union[int, str] = "auto",
         gated: bool = True,
         d_conv: int = 3,
+        routes: int = ROUTES,
     ) -> None:
         super().__init__()
+        if routes not in ROUTE_CHOICES:
+            raise ValueError(f"SS2D: routes must be one of {ROUTE_CHOICES} (scan directions), got {routes!r}")
         d_inner = int(ssm_ratio * dim)
         rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.d_inner, self.d_state, self.dt_rank, self.gated = d_inner, d_state, rank, gated
-        k = ROUTES
+        self.routes = k = routes
 
         self.in_proj = nn.Linear(dim, d_inner * (2 if gated else 1), bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
@@ -94,7 +118,7 @@ class SS2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, _ = x.shape
-        length, k, d, n, r = height * width, ROUTES, self.d_inner, self.d_state, self.dt_rank
+        length, k, d, n, r = height * width, self.routes, self.d_inner, self.d_state, self.dt_rank
 
         xz = self.in_proj(x)
         if self.gated:
@@ -103,7 +127,7 @@ class SS2D(nn.Module):
             x, z = xz, None
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
 
-        xs = cross_scan(x)  # (B, K, d, L)
+        xs = cross_scan(x, k)  # (B, K, d, L)
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)

@@ -11,6 +11,8 @@ Written for this project: every SS2D calls `vmeanba_compiler.ops.selective_scan`
 - vmamba_v2_base  : as v2 small, embed 128.
 
 `vmamba_mini` is a miniature (two stages of one block, embed 16) for tests and CPU experiments.
+`vmamba_digits` is the bundled real-data model: 8x8 grey digits, 1x1 patches (so stage 0 scans
+L = 64 pixels), two stages of two blocks = four scan sites (see `vmeanba_compiler.training`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ MODEL_CONFIGS: dict[str, VMambaConfig] = {
     "vmamba_v2_base": VMambaConfig(embed_dim=128, depths=(2, 2, 15, 2), **_V2),
     "vmamba_mini": VMambaConfig(
         embed_dim=16, depths=(1, 1), d_state=4, ssm_ratio=2.0, mlp_ratio=2.0, num_classes=10
+    ),
+    "vmamba_digits": VMambaConfig(
+        embed_dim=24, depths=(2, 2), d_state=4, ssm_ratio=2.0, mlp_ratio=2.0, patch_size=1,
+        in_chans=1, num_classes=10,
     ),
 }
 

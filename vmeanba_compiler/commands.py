@@ -1,0 +1,118 @@
+"""`vmeanba calibrate`, `vmeanba report` and `vmeanba bench`: the library's verbs on a user's own
+model and data (specs and checkpoints as `vmeanba_compiler.loading` reads them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .bench.model import bench_model
+from .bench.timing import write_json
+from .budget import select_for_budget
+from .calibration import calibrate
+from .evaluation import accuracy_vs_k
+from .loading import load_batches, load_model
+from .plots import plot_accuracy_vs_k, plot_site_metrics
+from .profile import Profile
+from .reporting import curve_table, format_table, site_table
+
+
+def _check_labelled(batches: list[Any], spec: str) -> None:
+    first = batches[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[1], torch.Tensor)):
+        raise SystemExit(f"--labelled: every batch of --data {spec!r} must be an (inputs, labels) pair, "
+                         f"got {type(first).__name__}")
+
+
+def calibrate_main(args) -> int:
+    model = load_model(args.model, args.checkpoint)
+    batches = load_batches(args.data)
+    if args.labelled:
+        _check_labelled(batches, args.data)
+    elif args.impact == "loss":
+        raise SystemExit("--impact loss needs labels: pass --labelled data of (inputs, labels) pairs")
+    loss_fn = F.cross_entropy if args.impact == "loss" else None
+    if args.labelled and loss_fn is None:
+        batches = [inputs for inputs, _ in batches]
+    profile = calibrate(model, batches, loss_fn=loss_fn, impact=args.impact != "none",
+                        max_batches=args.max_batches, dt_mode=args.dt_mode, skip_mode=args.skip_mode,
+                        progress=not args.quiet)
+    path = profile.save(args.out)
+    print(site_table(profile))
+    print(f"wrote {path} ({len(profile.site_ids)} sites, {profile.num_batches} batches, "
+          f"{profile.num_samples} samples)")
+    return 0
+
+
+def report_main(args) -> int:
+    profile = Profile.load(args.profile)
+    out = Path(args.out)
+    print(site_table(profile, markdown=args.markdown))
+    written = [plot_site_metrics(profile, out / "site_metrics.png")]
+    if args.data is not None:
+        batches = load_batches(args.data)
+        _check_labelled(batches, args.data)
+        model = load_model(args.model, args.checkpoint)
+        has_impact = all(profile.metric(site, "impact") is not None for site in profile.site_ids)
+        rankings = ["impact", "ratio", "random"] if has_impact else ["ratio", "random"]
+        curves = accuracy_vs_k(model, profile, batches, rankings, random_orders=args.random_orders,
+                               seed=args.seed, progress=not args.quiet)
+        print()
+        print(curve_table(curves, markdown=args.markdown))
+        written.append(plot_accuracy_vs_k(curves, out / "accuracy_vs_k.png"))
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _bench_inputs(args) -> Any:
+    if args.data is not None:
+        first = load_batches(args.data)[0]
+        return first[0] if args.labelled else first
+    if args.input_shape is None:
+        raise SystemExit("give --data module:function (its first batch is timed) or --input-shape, e.g. 64,1,8,8")
+    shape = [int(x) for x in args.input_shape.split(",")]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+
+
+def _bench_options(args, model) -> dict[str, Any]:
+    chosen = [flag for flag, value in (("--sites", args.sites), ("--top-k", args.top_k),
+                                       ("--threshold", args.threshold),
+                                       ("--max-accuracy-drop", args.max_accuracy_drop)) if value is not None]
+    if len(chosen) != 1:
+        raise SystemExit(f"choose the sites with exactly one of --sites, --top-k, --threshold, --max-accuracy-drop "
+                         f"(got {', '.join(chosen) or 'none'})")
+    if args.sites is not None:
+        return {"sites": [s for s in args.sites.split(",") if s]}
+    if args.profile is None:
+        raise SystemExit(f"{chosen[0]} selects from calibration data: pass --profile PROFILE.json")
+    profile = Profile.load(args.profile)
+    if args.top_k is not None:
+        return {"profile": profile, "top_k": args.top_k}
+    if args.threshold is not None:
+        return {"profile": profile, "threshold": args.threshold, "metric": args.metric}
+    if args.data is None or not args.labelled:
+        raise SystemExit("--max-accuracy-drop measures accuracy: pass --labelled --data of (inputs, labels) pairs")
+    batches = load_batches(args.data)
+    _check_labelled(batches, args.data)
+    selection = select_for_budget(model, profile, batches, args.max_accuracy_drop, confidence=args.confidence,
+                                  progress=not args.quiet)
+    print(selection)
+    return selection.compile_options()
+
+
+def bench_main(args) -> int:
+    model = load_model(args.model, args.checkpoint)
+    options = _bench_options(args, model)
+    result = bench_model(model, _bench_inputs(args), options, repeats=args.repeats, threads=args.threads)
+    write_json(Path(args.out), result)
+    timings = result["results"]
+    print(format_table(
+        ["backend", "compile s", "median ms", "speedup"],
+        [[name, f"{t['compile_s']:.1f}", f"{t['median_ms']:.3f}",
+          f"{timings['inductor']['median_ms'] / t['median_ms']:.2f}x"] for name, t in timings.items()],
+    ))
+    print(f"median of {args.repeats} interleaved runs on {result['threads']} thread(s); wrote {args.out}")
+    return 0
