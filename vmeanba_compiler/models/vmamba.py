@@ -21,7 +21,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Union
 
-import torch
 from torch import Tensor, nn
 
 from .layers import PatchMerging2D, VSSBlock, conv_downsample, patch_embed_v0, patch_embed_v2
