@@ -5,39 +5,19 @@ those functions and unrolls their Python loop over L into thousands of graph nod
 VMeanba passes (which look for `torch.ops.vmeanba.selective_scan`) find nothing. This module maps
 them onto our op at trace time, leaving eager execution untouched.
 
-Matched (anything else is left alone):
+The libraries and functions matched, with the exact forms each accepts, are defined in
+`vmeanba_compiler.polyfills` (one module per library) and listed in docs/SCAN_FORMS.md; anything
+else is left alone. A matched name is only substituted if it holds a plain Python function with
+exactly the polyfill's signature (parameter names, kinds and defaults); otherwise it is left alone
+with a warning.
 
-- `selective_scan_fn` and `selective_scan_ref` of the module named exactly
-  `mamba_ssm.ops.selective_scan_interface` (the Mamba project), signature
-  `(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-  return_last_state=False)`: the same semantics as `vmeanba_compiler.ops.selective_scan`.
-- `selective_scan_fn` of any module whose last dotted component is `csms6s` (VMamba's
-  classification/models/csms6s.py, imported as `models.csms6s` or `csms6s`; `foo_csms6s` is not
-  matched), signature `(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
-  oflex=True, backend=None)`. No z; `backend` is ignored (all of VMamba's backends compute the same
-  scan).
-
-A matched name is only substituted if it holds a plain Python function with exactly that
-signature (parameter names, order and defaults); otherwise it is left alone with a warning.
-
-Output dtypes follow the originals, so compiled and eager agree:
-- Mamba: out in u's dtype; last_state (when asked) in float32 (float64 if A is float64), as the
-  reference's `A.new_zeros` state and the CUDA kernel's float32 state are.
-- csms6s: VMamba's pure-torch fallback `selective_scan_torch` computes in float32 and returns
-  `out if oflex else out.to(u.dtype)`, i.e. float32 when `oflex` is true and u's dtype otherwise.
-  The `selective_scan_cuda_oflex` kernel is called with the same flag (its "output flexible"
-  float32 output). The substitution follows that reading; for half/bfloat16 inputs with `oflex`
-  it feeds u and delta to our op in float32, so y is not rounded through the input dtype first.
-  (VMamba's older "mamba" CUDA backend ignores `oflex` and returns u's dtype; the substitution
-  does not imitate that.)
-Math is float32, or float64 when u is float64 (the originals always use float32; ours is at least
-as precise). When u and delta differ in dtype, both are promoted before the op, as the originals
-cast both with `.float()`.
+Math is float32, or float64 when u is float64 (the originals use float32; ours is at least as
+precise). Output dtypes follow each original, so compiled and eager agree.
 
 Declined at trace time (the polyfill then traces the user's original code, a copy of the function
-object so the substitution does not recurse): an argument that is not a tensor (or None where
-optional), or a tensor that is not real floating point, e.g. Mamba's complex A. Such calls trace
-as before, loop and all; the result is still correct.
+object so the substitution does not recurse): calls our op cannot represent, e.g. an argument
+that is not a real floating tensor. Such calls trace as before, loop and all; the result is still
+correct.
 
 Mechanism: `torch.compiler.substitute_in_graph(original)(polyfill)`. It is public API (since
 torch 2.5; its registration code reads the same in every PyTorch source version we compared; the
@@ -78,100 +58,20 @@ import logging
 import sys
 import threading
 import types
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from . import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
+from .polyfills import FAMILIES, ScanFamily
 
 log = logging.getLogger("vmeanba_compiler.substitutions")
 
-MAMBA_MODULE = "mamba_ssm.ops.selective_scan_interface"
-MAMBA_FUNCTIONS = ("selective_scan_fn", "selective_scan_ref")
-CSMS6S_MODULE_SUFFIX = "csms6s"  # last dotted component of the module name
-CSMS6S_FUNCTIONS = ("selective_scan_fn",)
 
-_REAL_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# --- trace-time helpers (run under Dynamo, inlined into the user's graph) -------------------------
-
-
-def _is_real_float_tensor(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in _REAL_FLOAT
-
-
-def _supported(u, delta, A, B, C, optional) -> bool:
-    """Whether our op represents this call; anything else is traced as the original."""
-    for t in (u, delta, A, B, C):
-        if not _is_real_float_tensor(t):
-            return False
-    for t in optional:
-        if t is not None and not _is_real_float_tensor(t):
-            return False
-    return True
-
-
-def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, promote_to_float32):
-    """Call `vmeanba.selective_scan`, promoting u and delta where the op needs one dtype for both
-    (or, with `promote_to_float32`, where the caller wants an unrounded float32 y)."""
-    if u.dtype != delta.dtype or (promote_to_float32 and u.dtype in (torch.float16, torch.bfloat16)):
-        wide = torch.float64 if torch.float64 in (u.dtype, delta.dtype) else torch.float32
-        u, delta = u.to(wide), delta.to(wide)
-    return torch.ops.vmeanba.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-
-def _mamba_polyfill(fallback: Callable) -> Callable:
-    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False):
-        if not _supported(u, delta, A, B, C, (D, z, delta_bias)):
-            return fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        y, last_state = _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
-        if y.dtype != u.dtype:
-            y = y.to(u.dtype)
-        if not return_last_state:
-            return y
-        state_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-        if last_state.dtype != state_dtype:
-            last_state = last_state.to(state_dtype)
-        return y, last_state
-
-    return selective_scan_fn
-
-
-def _csms6s_polyfill(fallback: Callable) -> Callable:
-    def selective_scan_fn(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, oflex=True,
-                          backend=None):
-        if not _supported(u, delta, A, B, C, (D, delta_bias)):
-            return fallback(u, delta, A, B, C, D, delta_bias, delta_softplus, oflex, backend)
-        y, _ = _scan(u, delta, A, B, C, D, None, delta_bias, delta_softplus, bool(oflex))
-        out_dtype = torch.float32 if oflex else u.dtype
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-
-    return selective_scan_fn
-
-
-# --- matching --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Family:
-    name: str
-    functions: tuple[str, ...]
-    make_polyfill: Callable[[Callable], Callable]
-
-
-_MAMBA = _Family("mamba_ssm", MAMBA_FUNCTIONS, _mamba_polyfill)
-_CSMS6S = _Family("csms6s", CSMS6S_FUNCTIONS, _csms6s_polyfill)
-
-
-def _family_for_module(module_name: str) -> Optional[_Family]:
-    """The API family a module name belongs to, or None (module left alone)."""
-    if module_name == MAMBA_MODULE:
-        return _MAMBA
-    if module_name.rpartition(".")[2] == CSMS6S_MODULE_SUFFIX:
-        return _CSMS6S
+def _family_for_module(module_name: str) -> Optional[ScanFamily]:
+    """The library family a module name belongs to, or None (module left alone)."""
+    for family in FAMILIES:
+        if family.matches(module_name):
+            return family
     return None
 
 
@@ -200,7 +100,7 @@ _registered: dict[int, tuple[Callable, str]] = {}
 _declined: dict[int, Callable] = {}
 
 
-def _substitute_module(module: types.ModuleType, family: _Family) -> list[str]:
+def _substitute_module(module: types.ModuleType, family: ScanFamily) -> list[str]:
     """Substitute the family's functions found on `module`; return the qualified names that are
     substituted (now or before)."""
     done = []
@@ -208,6 +108,8 @@ def _substitute_module(module: types.ModuleType, family: _Family) -> list[str]:
         fn = module.__dict__.get(attr)
         if fn is None:
             continue
+        if family.unwrap:
+            fn = inspect.unwrap(fn)
         qualname = f"{module.__name__}.{attr}"
         with _lock:
             entry = _registered.get(id(fn))
@@ -226,11 +128,11 @@ def _substitute_module(module: types.ModuleType, family: _Family) -> list[str]:
     return done
 
 
-def _register(fn: Callable, family: _Family, qualname: str) -> bool:
+def _register(fn: Callable, family: ScanFamily, qualname: str) -> bool:
     if not isinstance(fn, types.FunctionType):
         log.warning("left %s alone: it is a %s, not a plain Python function", qualname, type(fn).__name__)
         return False
-    polyfill = family.make_polyfill(_clone_function(fn))
+    polyfill = family.make_polyfill(qualname, _clone_function(fn))
     try:
         expected, actual = _signature_key(polyfill), _signature_key(fn)
     except (TypeError, ValueError) as exc:
@@ -258,7 +160,7 @@ def _register(fn: Callable, family: _Family, qualname: str) -> bool:
 class _SubstituteAfterExec(importlib.abc.Loader):
     """Wraps the real loader of one matched module for one import; substitutes after exec."""
 
-    def __init__(self, loader, family: _Family) -> None:
+    def __init__(self, loader, family: ScanFamily) -> None:
         self._loader = loader
         self._family = family
 
