@@ -1,9 +1,11 @@
 """Find the selective-scan sites of a Dynamo FX graph and give each a stable id.
 
-A site id is "<module path>:<call index>": the path of the innermost module whose forward made
-the call (from the node's `nn_module_stack`, written as in `model.named_modules()`), and the
-number of scan calls that module's forward made before it. Both come from the user's model, not
-from the graph, so ids are identical across runs, recompiles and batch sizes.
+A site id is "<module path>:<call index>": the path of the innermost module whose code made the
+call, written as in `model.named_modules()`, and the index of that scan call among the module's
+scan calls (site_identity.py says how both survive graph breaks). Both come from the user's model,
+not from the graph, so ids are identical across runs, recompiles, batch sizes and graph splits.
+Two nodes share an id only when they are the same call of the same module's code (the module
+called twice); if such nodes disagree on the site's sizes, that is an error, never a merge.
 
 Matched: `torch.ops.vmeanba.selective_scan` nodes. Anything else is left alone.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,13 @@ import torch.fx
 
 from .. import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
 from ..lowering.scan_args import ProjectionForm, validate_scan_args
+from .site_identity import (
+    SiteIdCollisionError,
+    SiteNamer,
+    current_trace_frame,
+    normalize_module_path,
+    specialize_on_frame_module,
+)
 
 log = logging.getLogger("vmeanba_compiler.passes")
 
@@ -28,15 +36,7 @@ _SCAN_OP = torch.ops.vmeanba.selective_scan
 SCAN_TARGETS = (_SCAN_OP, _SCAN_OP.default)
 SCAN_ARG_NAMES = tuple(a.name for a in _SCAN_OP.default._schema.arguments)
 
-_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]\.?")
-_SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
-
-
-def normalize_module_path(raw: str) -> str:
-    """"L['self'].stages[0]._modules['1'].op" -> "stages.0.1.op" (as in named_modules())."""
-    path = _ROOT.sub("", raw)
-    path = _SUBSCRIPT.sub(r".\1", path).replace("._modules.", ".")
-    return path.strip(".")
+__all__ = ["ScanSite", "SiteIdCollisionError", "find_scan_sites", "normalize_module_path", "scan_arguments"]
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,42 @@ def reduction_groups(b_form: ProjectionForm, b_groups: int, c_form: ProjectionFo
     return groups
 
 
-def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    raw_path = list(stack.values())[-1][0]
-    return normalize_module_path(raw_path)
+def _static(size: Any) -> int:
+    """A channel, state or group count as a plain int. These decide the rewrite's reduction and
+    must match the profile, so a symbolic one (Dynamo marks a size dynamic after seeing two values
+    in one code object, e.g. modules of different widths behind a graph break) is specialised:
+    `int()` of a SymInt adds a guard, and another width compiles its own graph."""
+    return int(size)
+
+
+def _sizes_key(site: ScanSite) -> tuple:
+    return (site.dim, site.state, site.groups, site.b_form, site.c_form, site.has_D, site.has_z)
+
+
+def _check_no_collision(sites: list[ScanSite]) -> None:
+    """Nodes sharing an id (one module called twice) must be the same kind of scan."""
+    first: dict[str, ScanSite] = {}
+    for site in sites:
+        seen = first.setdefault(site.site_id, site)
+        if _sizes_key(seen) != _sizes_key(site):
+            raise SiteIdCollisionError(
+                f"scan nodes {seen.node.name} and {site.node.name} both map to site id {site.site_id!r} but "
+                f"differ (dim/N/groups/B/C/D/z {_sizes_key(seen)} vs {_sizes_key(site)}); their statistics "
+                "must not be merged. Give each scan its own module (or call site), or report this with "
+                "the model code"
+            )
 
 
 def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
-    """Every `vmeanba.selective_scan` node of the graph, in graph order, with its stable id."""
+    """Every `vmeanba.selective_scan` node of the graph, in graph order, with its stable id.
+
+    Called while Dynamo compiles a graph (a backend), it names sites after their owners in the
+    compiled model and makes Dynamo specialise a module frame's graph on that module instance
+    (site_identity.py); on any other FX graph ids come from the nodes' `nn_module_stack`.
+    """
+    frame = current_trace_frame()
+    namer = SiteNamer(frame)
     sites = []
-    calls_per_module: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in SCAN_TARGETS:
             continue
@@ -117,17 +141,16 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
         shape = validate_scan_args(
             *(values[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), strict_dtypes=False
         )
-        module_path = _module_path(node)
-        index = calls_per_module.get(module_path, 0)
-        calls_per_module[module_path] = index + 1
+        owner, index = namer.name(node)
         sites.append(
             ScanSite(
-                site_id=f"{module_path}:{index}",
-                module_path=module_path,
+                site_id=f"{owner.path}:{index}",
+                module_path=owner.path,
                 call_index=index,
-                dim=shape.dim,
-                state=shape.state,
-                groups=reduction_groups(shape.b_form, shape.b_groups, shape.c_form, shape.c_groups, shape.dim),
+                dim=_static(shape.dim),
+                state=_static(shape.state),
+                groups=_static(reduction_groups(shape.b_form, shape.b_groups, shape.c_form, shape.c_groups,
+                                                shape.dim)),
                 b_form=shape.b_form.value,
                 c_form=shape.c_form.value,
                 has_D=bound["D"] is not None,
@@ -141,4 +164,7 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
         log.debug("matched scan site %s: dim=%d N=%d groups=%d B=%s C=%s D=%s z=%s batch=%s L=%s", site.site_id,
                   site.dim, site.state, site.groups, site.b_form, site.c_form, site.has_D, site.has_z,
                   site.batch, site.length)
+    _check_no_collision(sites)
+    if sites and frame is not None and frame.frame_module is not None:
+        specialize_on_frame_module()
     return sites

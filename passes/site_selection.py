@@ -8,7 +8,7 @@ reason in words, which `explain` prints and the rewrite pass acts on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 from ..profile import SiteSignature
 from .scan_sites import ScanSite
@@ -29,23 +29,41 @@ def site_signature(site: ScanSite) -> SiteSignature:
     )
 
 
-def _unknown_ids_error(unknown: Sequence[str], known: Sequence[str]) -> ValueError:
+def unknown_site_ids_error(unknown: Sequence[str], known: Sequence[str]) -> ValueError:
     return ValueError(
         f"vmeanba option 'sites' names unknown site id(s) {', '.join(map(repr, unknown))}; "
         f"the traced model has: {', '.join(known) or '(no scan sites)'}"
     )
 
 
-def select_sites(sites: Sequence[ScanSite], config) -> list[SiteDecision]:
-    """One decision per traced site, in graph order; raises on ids or profiles that do not fit."""
+def _owner(site_id: str) -> str:
+    return site_id.rpartition(":")[0]
+
+
+def select_sites(
+    sites: Sequence[ScanSite], config, model_owners: Optional[Collection[str]] = None
+) -> list[SiteDecision]:
+    """One decision per traced site, in graph order; raises on ids or profiles that do not fit.
+
+    model_owners: when the graph is one part of a model that graph breaks split (a Dynamo
+    backend sees one graph at a time), the module paths of the whole model; a named site is then
+    refused only if its module is not one of them (its scan may sit in another graph; ids owned
+    by a code location cannot be checked this way). None means
+    the graph is the whole model: every named site must be in it.
+    """
     profile = config.profile
     if profile is not None:
         profile.check_compatible({s.site_id: site_signature(s) for s in sites}, partial=True)
     traced = [s.site_id for s in sites]
     if config.sites:
         unknown = [i for i in config.sites if i not in traced]
+        if model_owners is not None:
+            # Owners written as code locations ("<file.function>") belong to frames without a
+            # module and cannot be checked against the model's modules.
+            owners = set(model_owners) | {_owner(i) for i in traced}
+            unknown = [i for i in unknown if _owner(i) not in owners and not i.startswith("<")]
         if unknown:
-            raise _unknown_ids_error(unknown, traced)
+            raise unknown_site_ids_error(unknown, traced)
         return [
             SiteDecision(i, i in config.sites, "named in sites" if i in config.sites else "not named in sites")
             for i in traced

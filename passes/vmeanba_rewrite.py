@@ -16,6 +16,7 @@ import torch.fx
 
 from .reduced_scan import reduced_selective_scan
 from .scan_sites import ScanSite, find_scan_sites
+from .site_identity import current_trace_frame
 from .site_selection import SiteDecision, select_sites
 
 log = logging.getLogger("vmeanba_compiler.passes")
@@ -32,9 +33,15 @@ class RewritePlan:
 
 
 def plan_rewrite(gm: torch.fx.GraphModule, config) -> RewritePlan:
-    """Find the graph's sites and decide each one; changes nothing."""
+    """Find the graph's sites and decide each one; changes nothing to the graph.
+
+    Inside a Dynamo backend the graph may be one part of the model (graph breaks), so a named site
+    is only refused here when its module is not in the model; `explain` checks full ids over all
+    graphs."""
     sites = find_scan_sites(gm)
-    return RewritePlan(sites, select_sites(sites, config))
+    frame = current_trace_frame()
+    owners = None if frame is None or frame.root is None else set(frame.paths.values())
+    return RewritePlan(sites, select_sites(sites, config, owners))
 
 
 def _replace(gm: torch.fx.GraphModule, site: ScanSite, config) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .passes import canonicalize
 from .passes.reduced_scan import DT_MODES, SKIP_MODES, reduced_selective_scan
-from .passes.scan_sites import find_scan_sites, scan_arguments
+from .passes.scan_sites import SiteIdCollisionError, find_scan_sites, scan_arguments
 from .passes.site_selection import site_signature
 from .profile import PROFILE_FORMAT_VERSION, Profile, SiteSignature, SiteStats, parameter_hash
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
@@ -80,7 +80,14 @@ def _instrumenting_backend(observer: _SiteObserver) -> Callable:
         gm = canonicalize(gm)
         gm.add_submodule("vmeanba_observer", observer)
         for site in find_scan_sites(gm):
-            observer.signatures.setdefault(site.site_id, site_signature(site))
+            signature = observer.signatures.setdefault(site.site_id, site_signature(site))
+            if signature != site_signature(site):  # the same id in another graph: never merge
+                raise SiteIdCollisionError(
+                    f"scan site {site.site_id!r} was traced twice with different sizes "
+                    f"({signature.describe()} vs {site_signature(site).describe()}); calibrating both "
+                    "under one id would mix their statistics. Give each scan its own module, or report "
+                    "this with the model code"
+                )
             observer.stats.setdefault(site.site_id, SiteStats())
             with gm.graph.inserting_before(site.node):
                 new = gm.graph.call_module(

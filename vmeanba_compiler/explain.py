@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import VMeanbaConfig
 from .passes import canonicalize
+from .passes.site_selection import unknown_site_ids_error
 from .passes.vmeanba_rewrite import RewritePlan, plan_rewrite
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
 
@@ -111,6 +112,10 @@ def explain(model: nn.Module, example_inputs: Any, *, verbose: bool = True, **op
         call_with_inputs(traced, example_inputs)
     torch._dynamo.reset()
     report = ExplainReport([r for p in plans for r in _site_reports(p, config)], graph_count=len(plans))
+    traced_ids = list(dict.fromkeys(s.site_id for s in report.sites))
+    unknown = [i for i in config.sites if i not in traced_ids]
+    if unknown:  # each graph only refuses ids of unknown modules; here the whole model was seen
+        raise unknown_site_ids_error(unknown, traced_ids)
     if verbose:
         print(report)
     return report
