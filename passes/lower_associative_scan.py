@@ -1,10 +1,11 @@
 """Canonicalise selective scans written with `associative_scan` into `vmeanba.selective_scan`.
 
 Model code can write the Mamba recurrence h_t = exp(dt_t*A) * h_{t-1} + dt_t*B_t*u_t as a parallel
-scan with `torch._higher_order_ops.associative_scan.associative_scan`. Later passes
-(`scan_sites.py`, the VMeanba rewrite) only see `torch.ops.vmeanba.selective_scan` nodes, so this
-pass replaces such a scan, its prologue and its C contraction by one call of the op producing the
-same y (VMEANBA.md section 1) and rewires every user of y.
+scan with `torch._higher_order_ops.associative_scan.associative_scan` (Hugging Face transformers'
+`mamba_selective_scan(..., use_associative_scan=True)` does). Later passes (`scan_sites.py`, the
+VMeanba rewrite) only see `torch.ops.vmeanba.selective_scan` nodes, so this pass replaces such a
+scan, its prologue and its C contraction by one call of the op producing the same y (VMEANBA.md
+section 1) and, where h's last time step is read, the same last state; it rewires their users.
 
 API: `lower_associative_scan(gm, config=None) -> gm` (the pass; `config` is unused) and
 `match_associative_scans(gm) -> list[Match | Declined]` (the report, in graph order; changes
@@ -28,6 +29,18 @@ How the scan reaches the Dynamo graph (torch 2.13, both checked by the tests):
   `_vmap_decrement_nesting` markers). It is recognised walking back from the movedim to dim 0.
   With dynamic shapes the region also computes sizes; it is then declined.
 
+  Making the generic frontend record the HOP node instead (a `torch.compiler.substitute_in_graph`
+  of `associative_scan` that calls `associative_scan_op` as the pointwise path does; Dynamo has no
+  rule of its own for the frontend, it inlines it) was tried on torch 2.13 and rejected: the
+  substitution is global, and the HOP changes what every backend gets. Inductor cannot lower it on
+  CPU ("LoweringException: RuntimeError: Unable to generate code for associative_scan op": the C++
+  backend has no scan codegen and the lowering has no ATen fallback), so backend="inductor" and
+  every scan this pass declines would stop compiling; Dynamo's rule for the HOP demands a
+  pointwise combine ("For combine_mode='pointwise', the combine_fn needs to be pointwise"), which
+  generic mode exists to lift; and the HOP's autograd treats the leaves independently, so its
+  gradient with respect to the decay is wrong (off by O(1) against a sequential loop, where the
+  unrolled scan's is exact). Hence the abstract interpreter of the unrolled form below.
+
 Both forms are checked by abstract interpretation: leaf position t starts as the one-step element
 decay[t..t] or drive[t..t]; `mul` may only join decays of adjacent intervals
 (decay[i..j] * decay[j+1..k], either operand order) or scale an earlier drive by a later decay
@@ -44,43 +57,70 @@ Accepted pattern (axis names b, c, l, n for the 4 axes of the scanned tensors, i
     drive = Q                       Q: a product of the same dt, u (b, c, l) and B (n, ...)
     ..., h = associative_scan(combine, (decay, drive), dim=<l>)    # or (drive, decay); tuple,
                                     # list or dict; the cumulative-decay output must be unused
-    y = (h * C').sum(<n>)           # C' a product of broadcast views of C; y keeps b, c, l in
-    y = torch.einsum("<h>,<C>-><h minus n>", h, C)                 # their order in h; or einsum
+    y = (h' * C').sum(<n>)          # h': h through broadcast views and casts, C': a product of
+    y = torch.einsum("<h'>,<C'>-><h' minus n>", h', C')            # broadcast views of C; or
+    y = torch.matmul(h', C')        # matmul / bmm / @ summing n, e.g. transformers'
+                                    # torch.matmul(h.transpose(1, 2).to(dtype), C.unsqueeze(-1))
+    state = h'[..., -1, ...]        # optional, any number: h' indexed at its last time step
+                                    # (-1 or L-1), or h'.select(<l>, -1); h' views and casts only
 
-A "product" is a tree of `*` / `torch.mul` nodes and einsums that sum no label (for example
+y keeps b, c, l (in any order; size-1 axes such as matmul's column may be added). A "product" is
+a tree of `*` / `torch.mul` nodes and einsums that sum no label (for example
 `torch.einsum("bdl,dn->bdln", dt, A)` or `torch.einsum("bdl,bnl,bdl->bdln", dt, B, u)`, as
 mamba_ssm's `selective_scan_ref` writes them). "Broadcast views" are chains of indexing with None /
-full slices / one Ellipsis, `unsqueeze`, `transpose`, `permute`, `movedim`, `expand`, `contiguous`,
-`view`/`reshape` that only add or drop size-1 axes, and `repeat_interleave(int, dim)`. dt, u, A,
-B and C are whatever tensors those views start from (dt may be `softplus(delta + bias)`, A may be
-`-exp(A_log)`); a role made of several factors must be one node of its product tree. The roles
-must map onto the op's forms, after dropping size-1 broadcast axes and permuting (the pass then
-creates `torch.squeeze` / `torch.permute` argument nodes):
+full slices / one Ellipsis, `unsqueeze`, `squeeze`, `transpose`, `permute`, `movedim`, `expand`,
+`contiguous`, `view`/`reshape` that only add or drop size-1 axes, `repeat_interleave(int, dim)`,
+and casts that keep every value (below). dt, u, A, B and C are whatever tensors those views start
+from (dt may be `softplus(delta + bias)`, A may be `-exp(A_log)`); a role made of several factors
+must be one node of its product tree. The roles must map onto the op's forms, after dropping size-1
+broadcast axes and permuting (the pass then creates `torch.squeeze` / `torch.permute` argument
+nodes):
 
     u, dt : (batch, dim, L)        A : (dim, N)
     B, C  : shared   (batch, N, L)       no channel axis
             grouped  (batch, G, N, L)    whose G axis is repeat_interleave'd dim/G times to dim
             fixed    (dim, N)            no batch axis and no time axis
-    all in one float dtype; the contraction's output shape and dtype must be the op's y.
 
-Replacement: `selective_scan(u, dt, A, B, C, None, None, None, False)[0]`, permuted back to y's
-layout if that is not (batch, dim, L); dt is passed as delta, so a softplus(delta + bias) in the
-prologue stays where it was. New nodes carry the scan's `nn_module_stack` (site ids are built from
-it) and `stack_trace`, and fake `example_value`s computed with the op's fake kernel in the graph's
-fake mode. Prologue and contraction nodes are erased only when nothing else uses them.
+Dtypes. selective_scan carries its states in float32 (float64 for float64 u), returns y in u's
+dtype and last_state in the state dtype, and needs u and dt in one dtype. Accepted when the scan
+(decay and drive) runs in float32 or float64 and each of u, dt, A, B, C converts to that dtype
+exactly, e.g. transformers' bfloat16 Mamba: bfloat16 u, dt, B, C and float32 A, states float32.
+Casts inside the prologue and on C that keep every value (`.float()`, `.to(wider)`, a no-op
+`.type_as`) are seen through: the op makes them itself. Casts of h before the contraction:
+- to the state dtype or wider: harmless, y comes from the same states;
+- narrowing (transformers' `.to(bfloat16)` of the states): accepted. The original rounds each
+  state before contracting, the op contracts unrounded states and rounds y once: at least as
+  accurate, and different from the original by its own rounding (|dy| <= 2^-8 * sum_n |h_n C_n|
+  in bfloat16, plus one rounding of y);
+- to a non-float dtype: declined.
+Each replaced value keeps its dtype exactly: when y is wanted in another dtype than u's, or u and
+dt differ, u and dt are cast to the state dtype first (exact) so y leaves the op unrounded; an
+output whose dtype differs from the replaced node's is cast to it (a last state read after a cast
+gets the same cast of the same state).
+
+Replacement: `selective_scan(u, dt, A, B, C, None, None, None, False)`; output 0 replaces the
+contraction and output 1 each last-step read, each permuted, unsqueezed (the replaced node's
+size-1 axes) and cast into that node's layout and dtype; views after the contraction (transformers'
+`.squeeze(-1).transpose(1, 2)`) stay. dt is passed as delta, so a softplus(delta + bias) in the
+prologue stays where it was; D and z applied to y afterwards stay too. New nodes go before the
+first replaced node and carry the scan's `nn_module_stack` (site ids are built from it) and
+`stack_trace`, and fake `example_value`s computed with the op's fake kernel in the graph's fake
+mode. Prologue, contraction and read nodes are erased only when nothing else uses them.
 
 Left alone, each with its reason: a combine other than the affine recurrence; reverse=True; more
-or fewer than 2 leaves; h used by anything but the contraction (not rewritten: the scan would have
-to stay for that consumer, so nothing would be saved) or the cumulative decay used at all; B or C
-that truly varies per channel, (batch, dim, N, L) with dim > 1 and no repeat_interleave of a
-grouped tensor (it would be exact as grouped with G = dim, but the op's per-channel forms are only
-broadcasts, so it is declined); a B/C without batch or time axis other than fixed; constant factors
-(`0.5 * dt * u * B`); roles that are not one tensor; graphs without fake example values. Every
-scan is validated before the first mutation, and a declined scan leaves the graph untouched. An
-unexpected failure of the analysis itself declines that scan and logs a warning: the pass never
-breaks a compilation.
+or fewer than 2 leaves; h used by anything but one C contraction and reads of its last time step
+(not rewritten: the scan would have to stay for that consumer, so nothing would be saved), which
+includes a read of another step, the last step of another axis, a last state read through a
+product, no contraction or two; the cumulative decay used at all; B or C that truly varies per
+channel, (batch, dim, N, L) with dim > 1 and no repeat_interleave of a grouped tensor (it would be
+exact as grouped with G = dim, but the op's per-channel forms are only broadcasts, so it is
+declined); a B/C without batch or time axis other than fixed; constant factors
+(`0.5 * dt * u * B`); roles that are not one tensor; a scan run in float16/bfloat16, or an
+argument wider than the scan's dtype (the op would not compute the same states); C computed after
+h's first read; graphs without fake example values. Every scan is validated before the first
+mutation, and a declined scan leaves the graph untouched. An unexpected failure of the analysis
+itself declines that scan and logs a warning: the pass never breaks a compilation.
 """
-
 from __future__ import annotations
 
 import logging
@@ -94,12 +134,14 @@ import torch.fx
 from torch.fx import Node
 
 from .. import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
+from ..lowering.scan_args import compute_dtype_for
 
 log = logging.getLogger("vmeanba_compiler.passes")
 
 __all__ = ["Declined", "Match", "lower_associative_scan", "match_associative_scans"]
 
 _SCAN_OP = torch.ops.vmeanba.selective_scan.default
+_ROLES = ("u", "delta", "A", "B", "C")  # the op's tensor arguments, in order
 _HOP = getattr(getattr(torch.ops, "higher_order", None), "associative_scan", None)
 
 # ---------------------------------------------------------------------------------------------
@@ -129,11 +171,13 @@ for _name, _targets in {
     "transpose": (torch.transpose, torch.swapaxes, torch.swapdims, _aten("transpose")),
     "permute": (torch.permute, _aten("permute")),
     "expand": (_aten("expand"),),
-    "reshape": (torch.reshape, _aten("reshape"), _aten("view"), _aten("_unsafe_view")),
+    "reshape": (torch.reshape, torch.squeeze, _aten("reshape"), _aten("view"), _aten("_unsafe_view"), _aten("squeeze")),
     "repeat_interleave": (torch.repeat_interleave, _aten("repeat_interleave")),
     "getitem": (operator.getitem,),
     "sum": (torch.sum, _aten("sum")),
     "einsum": (torch.einsum, _aten("einsum")),
+    "matmul": (operator.matmul, torch.matmul, torch.bmm, _aten("matmul"), _aten("bmm")),
+    "select": (torch.select, _aten("select")),
     "flip": (torch.flip, _aten("flip")),
     "select_copy": (torch.select_copy, _aten("select_copy")),
     "contiguous": (_aten("contiguous"),),
@@ -167,17 +211,22 @@ _METHODS = {
     "unsqueeze": "unsqueeze", "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
     "permute": "permute", "expand": "expand", "expand_as": "expand", "view": "reshape",
     "reshape": "reshape", "repeat_interleave": "repeat_interleave", "sum": "sum", "flip": "flip",
-    "contiguous": "contiguous", "flatten": "flatten",
+    "contiguous": "contiguous", "flatten": "flatten", "squeeze": "reshape", "matmul": "matmul", "bmm": "matmul",
+    "select": "select",
+    # dtype casts; which of them the pass sees through is decided by `_cast_kind`
+    "to": "cast", "type": "cast", "type_as": "cast", "float": "cast", "double": "cast", "half": "cast",
+    "bfloat16": "cast",
 }
 
 # Ops known to be pure: a user made of these with no live users of its own does not count.
 _PURE = {
     "mul", "add", "exp", "movedim", "unsqueeze", "transpose", "permute", "expand", "reshape",
     "repeat_interleave", "getitem", "sum", "einsum", "flip", "select_copy", "contiguous", "slice",
-    "cat", "stack", "flatten", "pad", "add_batch_dim", "remove_batch_dim",
+    "cat", "stack", "flatten", "pad", "add_batch_dim", "remove_batch_dim", "matmul", "select", "cast",
 }
-_VIEWS = {"getitem", "unsqueeze", "transpose", "permute", "movedim", "expand", "reshape",
-          "repeat_interleave", "contiguous"}
+# Ops that only move, broadcast or convert values; `_view_axes` says how their axes map.
+_VIEWS = {"getitem", "select", "unsqueeze", "transpose", "permute", "movedim", "expand", "reshape",
+          "repeat_interleave", "contiguous", "cast"}
 
 
 def _op(node: Any) -> Optional[str]:
@@ -197,6 +246,11 @@ def _op(node: Any) -> Optional[str]:
         return _FUNCTIONS.get(target)
     except TypeError:  # unhashable target
         return None
+
+
+def _named(node: Node) -> str:
+    """A node for a decline reason: its name and what it calls."""
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
 
 
 def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
@@ -288,7 +342,7 @@ def _show(element: tuple) -> str:
 
 def _seq(value: Any, node: Node, kind: str = "seq") -> tuple:
     if not (isinstance(value, tuple) and value[0] == kind):
-        raise _Decline(f"{node.name} ({node.target}) is applied to a value that is not a scan sequence")
+        raise _Decline(f"{_named(node)} is applied to a value that is not a scan sequence")
     return value[1]
 
 
@@ -366,7 +420,7 @@ def _interpret(node: Node, env: dict[Node, Any]) -> Any:
         if _arg(node, 3, "out_dim") != 0 or x[0] != "bat" or x[2] != _arg(node, 1, "level"):
             raise _Decline(f"{node.name} does not put the vmapped scan dim back at 0")
         return ("seq", x[1])
-    raise _Decline(f"{node.name} ({node.target}) is not an operation of the affine scan")
+    raise _Decline(f"{_named(node)} is not an operation of the affine scan")
 
 
 def _leaf_inputs(n_leaves: int, roles: tuple[str, ...], length: int, offset: int = 0) -> list[tuple]:
@@ -486,7 +540,7 @@ def _hop_core(gm: torch.fx.GraphModule, node: Node, live: _Liveness) -> _Core:
     for user in live.users(node):
         index = user.args[1] if _op(user) == "getitem" else None
         if index not in (0, 1):
-            raise _Decline(f"associative_scan result is used by {user.name} ({user.target})")
+            raise _Decline(f"associative_scan result is used by {_named(user)}")
         outs[index].append(user)
     if outs[decay_index]:
         raise _Decline("the cumulative decay (first scan output) is used; selective_scan does not return it")
@@ -573,7 +627,7 @@ def _unrolled_cores(gm: torch.fx.GraphModule, live: _Liveness) -> list[Union[_Co
                         f"unrolled associative_scan computes with sizes ({n.name}): with dynamic shapes the "
                         "generic scan is traced size-dependently; compile with static shapes to rewrite it"
                     )
-                raise _Decline(f"unrolled associative_scan reads {n.name} ({n.target}), not an op of the affine scan")
+                raise _Decline(f"unrolled associative_scan reads {_named(n)}, not an op of the affine scan")
             if group["dim"] is None:
                 raise _Decline(f"unrolled associative_scan outputs are moved back to dims {sorted(group['dims'])}")
             if len(sources) != 2:
@@ -693,30 +747,69 @@ def _broadcast_axes(operand: Node, out_shape: tuple, axes: tuple) -> Optional[tu
     return tuple(result)
 
 
+_LAST = "last step"  # marks the axis a last-step read (`h[..., -1, ...]`) indexes away
+
+_WIDENING = {
+    (torch.float16, torch.float32), (torch.float16, torch.float64), (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float64), (torch.float32, torch.float64),
+}
+
+
+def _preserves_values(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether every `src` value is exactly a `dst` value (float16 and bfloat16 are incomparable)."""
+    return src == dst or (src, dst) in _WIDENING
+
+
+def _cast_kind(node: Node) -> Optional[str]:
+    """"exact" for a float -> float cast that keeps every value (a widening cast or a no-op), "rounds"
+    for a narrowing float cast; None for anything else (a device move, a non-float dtype)."""
+    x, out = _val(node.args[0]) if node.args else None, _val(node)
+    if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return None
+    if x.device != out.device or x.shape != out.shape or not (x.is_floating_point() and out.is_floating_point()):
+        return None
+    return "exact" if _preserves_values(x.dtype, out.dtype) else "rounds"
+
+
+def _is_last(index: Any, size: Any) -> bool:
+    return not isinstance(index, bool) and isinstance(index, int) and (index == -1 or index == size - 1)
+
+
 def _index_axes(node: Node, axes: tuple) -> Optional[tuple]:
-    """Input axes of `x[idx]` where idx holds only None, full slices and one Ellipsis."""
+    """Input axes of `x[idx]` where idx holds None, full slices, one Ellipsis and ints that pick
+    the last step of an axis (that input axis becomes `_LAST`)."""
     idx = node.args[1]
     idx = idx if isinstance(idx, tuple) else (idx,)
-    in_rank = len(_shape(node.args[0]))
+    in_shape = _shape(node.args[0])
     if sum(i is Ellipsis for i in idx) > 1:
         return None
-    for i in idx:
-        if not (i is None or i is Ellipsis or (isinstance(i, slice) and (i.start, i.stop, i.step) == (None,) * 3)):
+    consumed = sum(i is not None and i is not Ellipsis for i in idx)
+    items: list = []
+    for i in (*idx, *(() if Ellipsis in idx else (Ellipsis,))):
+        items.extend([slice(None)] * (len(in_shape) - consumed) if i is Ellipsis else [i])
+    result, out = [], list(axes)
+    for i in items:
+        if i is None:  # a new size-1 output axis: nothing in the input
+            if not out:
+                return None
+            out.pop(0)
+        elif isinstance(i, slice) and (i.start, i.stop, i.step) == (None,) * 3 and out:
+            result.append(out.pop(0))
+        elif len(result) < len(in_shape) and _is_last(i, in_shape[len(result)]):
+            result.append(_LAST)
+        else:
             return None
-    explicit = sum(isinstance(i, slice) for i in idx)
-    expanded: list = []
-    for i in idx:
-        expanded.extend([slice(None)] * (in_rank - explicit) if i is Ellipsis else [i])
-    if Ellipsis not in idx:
-        expanded.extend([slice(None)] * (in_rank - explicit))
-    result = [axes[j] for j, i in enumerate(expanded) if i is not None]
-    return tuple(result) if len(result) == in_rank and len(expanded) == len(axes) else None
+    return tuple(result) if len(result) == len(in_shape) and not out else None
 
 
 def _view_axes(node: Node, name: str, axes: tuple) -> Optional[tuple]:
     """Axes of a view's input, given the axes of its output (None if the view is not understood)."""
-    x = node.args[0]
-    if not _is_tensor_node(x):
+    x = node.args[0] if node.args else None
+    if not _is_tensor_node(x) or not _is_tensor_node(node):
+        return None
+    if name == "cast":
+        return axes if _cast_kind(node) is not None else None
+    if _val(node).dtype != _val(x).dtype:  # e.g. x.view(torch.int32) reinterprets bits
         return None
     in_shape, out_shape = _shape(x), _shape(node)
     rank = len(out_shape)
@@ -724,6 +817,11 @@ def _view_axes(node: Node, name: str, axes: tuple) -> Optional[tuple]:
         return axes if len(node.args) == 1 and not node.kwargs else None
     if name == "getitem":
         return _index_axes(node, axes)
+    if name == "select":
+        d = _norm_dim(_arg(node, 1, "dim"), len(in_shape))
+        if d is None or not _is_last(_arg(node, 2, "index"), in_shape[d]):
+            return None
+        return axes[:d] + (_LAST,) + axes[d:]
     if name == "unsqueeze":
         d = _norm_dim(_arg(node, 1, "dim"), rank)
         return None if d is None else axes[:d] + axes[d + 1:]
@@ -752,14 +850,8 @@ def _view_axes(node: Node, name: str, axes: tuple) -> Optional[tuple]:
             result[in_axis] = axes[out_axis]
         return tuple(result)
     if name == "expand":
-        offset = rank - len(in_shape)
-        if offset < 0:
-            return None
-        return tuple(
-            axes[offset + i] if size == out_shape[offset + i] else None if size == 1 else "bad"
-            for i, size in enumerate(in_shape)
-        ) if all(s == out_shape[offset + i] or s == 1 for i, s in enumerate(in_shape)) else None
-    if name == "reshape":  # only adding or dropping size-1 axes
+        return _broadcast_axes(x, out_shape, axes)
+    if name == "reshape":  # only adding or dropping size-1 axes (squeeze, unsqueeze-like views)
         result, i, j = [], 0, 0
         while i < len(in_shape) or j < rank:
             if i < len(in_shape) and j < rank and in_shape[i] == out_shape[j]:
@@ -787,9 +879,12 @@ def _view_axes(node: Node, name: str, axes: tuple) -> Optional[tuple]:
     return None
 
 
-def _einsum_parts(node: Node) -> Optional[tuple[list[str], str, list[Node]]]:
-    """(operand label strings, output labels, operand nodes) of an explicit-output einsum without
-    ellipsis or repeated labels within one operand; None for anything else."""
+_Parts = tuple[list[str], str, list[Node]]  # einsum form: operand label strings, output labels, operands
+
+
+def _einsum_parts(node: Node) -> Optional[_Parts]:
+    """An explicit-output einsum without ellipsis or repeated labels within one operand; None for
+    anything else."""
     equation = node.args[0] if node.args else None
     operands = list(node.args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -807,6 +902,38 @@ def _einsum_parts(node: Node) -> Optional[tuple[list[str], str, list[Node]]]:
     return specs, out, operands
 
 
+def _matmul_parts(node: Node) -> Optional[_Parts]:
+    """`x @ w` (matmul, bmm) as an einsum: batch axes broadcast from the right, "ik,kj->ij"."""
+    if len(node.args) != 2 or node.kwargs or not all(_is_tensor_node(a) for a in node.args):
+        return None
+    x, w = node.args
+    rx, rw = len(_shape(x)), len(_shape(w))
+    if min(rx, rw) < 1 or max(rx, rw) > 2 + 8:
+        return None
+    batch = "ABCDEFGH"[: max(rx, rw, 2) - 2]
+    x_spec = "k" if rx == 1 else batch[len(batch) - (rx - 2):] + "ik"
+    w_spec = "k" if rw == 1 else batch[len(batch) - (rw - 2):] + "kj"
+    out = batch[len(batch) - max(rx - 2, rw - 2, 0):] + ("i" if rx > 1 else "") + ("j" if rw > 1 else "")
+    return [x_spec, w_spec], out, [x, w]
+
+
+def _sum_parts(node: Node) -> _Parts:
+    """`x.sum(dim)` as an einsum over one operand (keepdim / dtype are declined)."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if not _is_tensor_node(x):
+        raise _Decline(f"{node.name} sums a non-tensor")
+    dims = _arg(node, 1, "dim")
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    extra = {k: v for k, v in node.kwargs.items() if k not in ("dim", "input")}
+    if len(node.args) > 2 or any(v not in (None, False) for v in extra.values()):
+        raise _Decline(f"{node.name} sums with keepdim/dtype ({node.args[2:]}, {extra})")
+    spec = "abcdefgh"[: len(_shape(x))]
+    reduced = {_norm_dim(d, len(spec)) for d in dims}
+    if len(spec) != len(_shape(x)) or None in reduced:
+        raise _Decline(f"{node.name} sums over {dims}; the contraction sums over the state axis N only")
+    return [spec], "".join(lab for i, lab in enumerate(spec) if i not in reduced), [x]
+
+
 def _label_sizes(specs: list[str], operands: list[Node]) -> dict[str, Any]:
     sizes: dict[str, Any] = {}
     for spec, operand in zip(specs, operands):
@@ -816,33 +943,40 @@ def _label_sizes(specs: list[str], operands: list[Node]) -> dict[str, Any]:
     return sizes
 
 
-def _factor_tree(node: Node, axes: tuple, stop: Optional[Node] = None) -> _Tree:
-    """Split `node` into a product of broadcast views; unknown operations (and `stop`) are leaves."""
+def _operand_axes(parts: _Parts, axes_of: Any) -> list[tuple]:
+    """Per operand, the axis id of each axis (`axes_of(label)`), None where a size-1 axis is
+    broadcast against a longer one."""
+    specs, _, operands = parts
+    sizes = _label_sizes(specs, operands)
+    return [
+        tuple(None if size == 1 and sizes.get(label, 1) != 1 else axes_of(label) for label, size in zip(spec, _shape(o)))
+        for spec, o in zip(specs, operands)
+    ]
+
+
+def _factor_tree(node: Node, axes: tuple, stop: Optional[Node] = None, through: frozenset = frozenset()) -> _Tree:
+    """Split `node` into a product of broadcast views; unknown operations (and `stop`) are leaves.
+
+    Casts that keep every value are seen through (selective_scan converts each argument to its
+    compute dtype itself); a rounding cast only when it is in `through` (h's casts before C)."""
     name = _op(node)
     if node is stop:
         pass
     elif name == "mul" and not node.kwargs and len(node.args) == 2 and all(_is_tensor_node(a) for a in node.args):
         child_axes = [_broadcast_axes(a, _shape(node), axes) for a in node.args]
         if all(c is not None for c in child_axes):
-            children = tuple(_factor_tree(a, c, stop) for a, c in zip(node.args, child_axes))
+            children = tuple(_factor_tree(a, c, stop, through) for a, c in zip(node.args, child_axes))
             return _Tree(node, axes, children, "mul")
     elif name == "einsum" and (parts := _einsum_parts(node)) is not None and all(
         set(spec) <= set(parts[1]) for spec in parts[0]
     ):  # an einsum that sums nothing is a broadcast product, e.g. einsum("bdl,dn->bdln", dt, A)
-        specs, out, operands = parts
-        sizes = _label_sizes(specs, operands)
-        children = []
-        for spec, operand in zip(specs, operands):
-            child_axes = tuple(
-                None if size == 1 and sizes.get(label, 1) != 1 else axes[out.index(label)]
-                for label, size in zip(spec, _shape(operand))
-            )
-            children.append(_factor_tree(operand, child_axes, stop))
-        return _Tree(node, axes, tuple(children), "mul")
-    elif name in _VIEWS and _is_tensor_node(node.args[0] if node.args else None):
+        child_axes = _operand_axes(parts, lambda label: axes[parts[1].index(label)])
+        children = tuple(_factor_tree(o, c, stop, through) for o, c in zip(parts[2], child_axes))
+        return _Tree(node, axes, children, "mul")
+    elif name in _VIEWS and (name != "cast" or _cast_kind(node) == "exact" or node in through):
         in_axes = _view_axes(node, name, axes)
-        if in_axes is not None and "bad" not in in_axes:
-            return _Tree(node, axes, (_factor_tree(node.args[0], in_axes, stop),), "view")
+        if in_axes is not None and _LAST not in in_axes:
+            return _Tree(node, axes, (_factor_tree(node.args[0], in_axes, stop, through),), "view")
     return _Tree(node, axes)
 
 
@@ -874,20 +1008,32 @@ def _multiset_remove(leaves: list[_Tree], remove: list[_Tree], what: str) -> lis
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument layouts and the match record
+# Layouts (the steps that put a value where a consumer wants it) and the match record
 # ---------------------------------------------------------------------------------------------
+
+_STEP_FUNCTIONS = {"squeeze": torch.squeeze, "permute": torch.permute, "unsqueeze": torch.unsqueeze}
 
 
 @dataclass
 class _Layout:
-    base: Node
-    squeeze: tuple  # size-1 axes to drop
-    perm: Optional[tuple]  # then this permutation (None: already in order)
-    squeezed: Any = None  # fake value after the squeeze
-    fake: Any = None  # fake value in the op's layout
+    """`base` after `steps`, applied in order: ("squeeze", dims), ("permute", perm),
+    ("unsqueeze", dim) or ("to", dtype)."""
+
+    base: Optional[Node]  # None for an output of the op
+    steps: tuple = ()
+    fakes: list = field(default_factory=list)  # the fake value after each step
+
+
+def _run_steps(value: torch.Tensor, steps: tuple) -> list:
+    fakes = []
+    for kind, arg in steps:
+        value = value.to(arg) if kind == "to" else _STEP_FUNCTIONS[kind](value, arg)
+        fakes.append(value)
+    return fakes
 
 
 def _layout(role: str, tree: _Tree, keys: tuple, ids: dict) -> _Layout:
+    """Steps from the tensor at `tree` to the op's layout `keys` for that argument."""
     axes = tree.axes
     squeeze = tuple(i for i, a in enumerate(axes) if a is None)
     kept = [a for a in axes if a is not None]
@@ -897,7 +1043,18 @@ def _layout(role: str, tree: _Tree, keys: tuple, ids: dict) -> _Layout:
         raise _Decline(f"{role} ({tree.node.name}) has axes {shown}; expected {role} to cover exactly "
                        f"{[names.get(k, 'groups') if not isinstance(k, _Rep) else 'groups' for k in keys]}")
     perm = tuple(kept.index(k) for k in keys)
-    return _Layout(tree.node, squeeze, None if perm == tuple(range(len(perm))) else perm)
+    steps = (("squeeze", squeeze),) if squeeze else ()
+    return _Layout(tree.node, steps + ((("permute", perm),) if perm != tuple(range(len(perm))) else ()))
+
+
+def _output_layout(have: tuple, want: tuple, dtype: torch.dtype, want_dtype: torch.dtype) -> _Layout:
+    """Steps from an op output with axes `have` to the layout of the node it replaces: `want` names
+    each of its axes (None: a size-1 axis) and must hold each of `have` once (checked by callers)."""
+    kept = [a for a in want if a is not None]
+    perm = tuple(have.index(a) for a in kept)
+    steps = [] if perm == tuple(range(len(perm))) else [("permute", perm)]
+    steps += [("unsqueeze", i) for i, a in enumerate(want) if a is None]
+    return _Layout(None, tuple(steps) + ((("to", want_dtype),) if dtype != want_dtype else ()))
 
 
 def _projection(role: str, tree: _Tree, ids: dict, dim: Any) -> tuple[str, _Layout]:
@@ -937,16 +1094,18 @@ class Match:
     module_path: str
     b_form: str
     c_form: str
-    contraction: Node = field(repr=False)  # the node producing y, replaced by the op
+    contraction: Node = field(repr=False)  # the node producing y, replaced by the op's output 0
+    last_state: bool = False  # whether reads of h's last step are replaced by the op's output 1
     _core: _Core = field(repr=False, default=None)
     _args: dict = field(repr=False, default_factory=dict)  # role -> _Layout
-    _y_perm: Optional[tuple] = field(repr=False, default=None)
-    _fakes: tuple = field(repr=False, default=())
+    _outputs: list = field(repr=False, default_factory=list)  # (replaced node, op output index, _Layout)
+    _op_fakes: tuple = field(repr=False, default=())
     _prologue: list = field(repr=False, default_factory=list)
 
     @property
     def reason(self) -> str:
-        return f"selective scan (B {self.b_form}, C {self.c_form}) -> vmeanba.selective_scan"
+        state = ", last state" if self.last_state else ""
+        return f"selective scan (B {self.b_form}, C {self.c_form}{state}) -> vmeanba.selective_scan"
 
 
 @dataclass
@@ -1006,40 +1165,84 @@ def _decay_roles(decay: Node, scan_dim: int) -> tuple[dict, _Tree, _Tree, list[_
     return ids, tree, _subtree(tree, dt_leaves, "dt"), dt_leaves, _subtree(tree, a_leaves, "A")
 
 
-def _epilogue(h: Node, live: _Liveness, ids: dict) -> tuple[Node, _Tree, tuple, list[_Tree]]:
-    """The contraction y = sum_n h*C: (contraction node, C tree in scan ids, y's axis ids, its trees)."""
-    chain, cur = [], h
-    while True:
-        users = live.users(cur)
-        if len(users) != 1:
-            what = "no consumer" if not users else f"{len(users)} consumers ({', '.join(u.name for u in users)})"
-            raise _Decline(f"h ({cur.name}) has {what}; only the C contraction may read it")
-        nxt = users[0]
-        if _op(nxt) in ("sum", "einsum"):
-            break
-        if _op(nxt) not in ({"mul"} | _VIEWS):
-            raise _Decline(f"h is used by {nxt.name} ({nxt.target}), not by a C contraction")
-        chain.append(nxt)
-        cur = nxt
-    contraction = nxt
-    if _op(contraction) == "sum":
-        return _sum_epilogue(h, contraction, chain, ids)
-    return _einsum_epilogue(h, contraction, chain, ids)
+def _ancestors_within(node: Node, within: set) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg in within and arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
 
 
-def _split_h(trees: list[_Tree], h: Node, chain: list[Node]) -> tuple[_Tree, dict, list[_Tree]]:
+_CONTRACTIONS = {"sum": _sum_parts, "einsum": _einsum_parts, "matmul": _matmul_parts}
+
+
+def _h_consumers(h: Node, live: _Liveness) -> tuple[Node, set, list[Node]]:
+    """Walk h's live users: (the C contraction, the nodes between h and its ends, last-step reads)."""
+    contractions: list[Node] = []
+    readers: list[Node] = []
+    between: set = set()
+    stack = [h]
+    while stack:
+        for user in live.users(stack.pop()):
+            name = _op(user)
+            if user in between or user in readers or user in contractions:
+                continue
+            if name in _CONTRACTIONS:
+                contractions.append(user)
+            elif name in ("getitem", "select") and _LAST in (_view_axes(user, name, _shape_labels(user)) or ()):
+                readers.append(user)
+            elif name == "mul" or (name in _VIEWS and _view_axes(user, name, _shape_labels(user)) is not None):
+                between.add(user)
+                stack.append(user)
+            else:
+                raise _Decline(f"h is used by {_named(user)}, not by a C contraction or a read of its "
+                               "last step; only the C contraction may read it")
+    if len(contractions) != 1:
+        names = ", ".join(c.name for c in contractions) or "none"
+        raise _Decline(f"h ({h.name}) reaches {len(contractions)} contractions ({names}); only the C contraction "
+                       "may read it")
+    return contractions[0], between, readers
+
+
+def _shape_labels(node: Node) -> tuple:
+    return tuple(range(len(_shape(node)))) if _is_tensor_node(node) else ()
+
+
+def _reader_axes(reader: Node, h: Node, between: set, ids: dict) -> tuple:
+    """Scan ids of the axes of `reader` (a read of h's last time step; None: a size-1 axis),
+    following views and casts back to h."""
+    axes = _view_axes(reader, _op(reader), _shape_labels(reader))
+    node = reader.args[0]
+    while node is not h:
+        name = _op(node)
+        axes = _view_axes(node, name, axes) if node in between and name in _VIEWS else None
+        if axes is None:
+            raise _Decline(f"{reader.name} reads h's last step through {_named(node)}, which is not a "
+                           "view or cast of h")
+        node = node.args[0]
+    if any(isinstance(a, _Rep) or a is None for a in axes) or axes[ids["L"]] is not _LAST:
+        raise _Decline(f"{reader.name} reads the last step of an axis of h other than the time axis L, or "
+                       "broadcasts or drops an axis of h")
+    to_scan = {label: scan_id for scan_id, label in enumerate(axes) if label is not _LAST}
+    return tuple(to_scan.get(label) for label in _shape_labels(reader))
+
+
+def _split_h(trees: list[_Tree], h: Node, chain: set) -> tuple[dict, list[_Tree]]:
+    """h's axes (contraction label -> scan id) and the other leaves of the contraction's operands."""
     leaves = [leaf for tree in trees for leaf in tree.leaves()]
     h_leaves = [leaf for leaf in leaves if leaf.node is h]
     if len(h_leaves) != 1:
         raise _Decline(f"the contraction reads h {len(h_leaves)} times (or through an unsupported op)")
     inner = {t.node for tree in trees for t in tree.walk() if t.kind != "leaf"}
     if any(n not in inner for n in chain):
-        raise _Decline("h reaches the contraction through an operation that is not a broadcast view or mul")
+        raise _Decline("h reaches the contraction through an operation that is not a broadcast view, cast or mul")
     (h_leaf,) = h_leaves
     if any(a is None or isinstance(a, _Rep) for a in h_leaf.axes) or len(set(h_leaf.axes)) != 4:
         raise _Decline("the contraction broadcasts h instead of using each of its axes once")
     to_scan = {x: scan_id for scan_id, x in enumerate(h_leaf.axes)}
-    return h_leaf, to_scan, [leaf for leaf in leaves if leaf is not h_leaf]
+    return to_scan, [leaf for leaf in leaves if leaf is not h_leaf]
 
 
 def _translate(tree: _Tree, to_scan: dict) -> _Tree:
@@ -1053,77 +1256,73 @@ def _translate(tree: _Tree, to_scan: dict) -> _Tree:
     return _Tree(tree.node, tuple(tr(a) for a in tree.axes), tuple(_translate(c, to_scan) for c in tree.children), tree.kind)
 
 
-def _sum_epilogue(h: Node, s: Node, chain: list[Node], ids: dict):
-    x = s.args[0] if s.args else s.kwargs.get("input")
-    if not _is_tensor_node(x):
-        raise _Decline(f"{s.name} sums a non-tensor")
-    rank = len(_shape(x))
-    dims = _arg(s, 1, "dim")
-    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
-    extra = {k: v for k, v in s.kwargs.items() if k not in ("dim", "input")}
-    if len(s.args) > 2 or any(v not in (None, False) for v in extra.values()):
-        raise _Decline(f"{s.name} sums with keepdim/dtype ({s.args[2:]}, {extra})")
-    if rank != 4:
-        raise _Decline(f"{s.name} sums a {rank}-dim product; the contraction multiplies h by C at h's 4 dims")
-    if len(dims) != 1 or _norm_dim(dims[0], rank) is None:
-        raise _Decline(f"{s.name} sums over {dims}; the contraction sums over the state axis N only")
-    tree = _factor_tree(x, tuple(range(rank)), h)
-    _, to_scan, c_leaves = _split_h([tree], h, chain)
+def _contraction(h: Node, node: Node, chain: set, ids: dict) -> tuple[_Tree, tuple, list[_Tree]]:
+    """y = sum_n h*C at `node` (a sum of a product, an einsum or a matmul): C's tree in scan ids,
+    the scan id of each axis of y (None: a size-1 axis that is not h's), the operand trees."""
+    parts = _CONTRACTIONS[_op(node)](node)
+    if parts is None:
+        raise _Decline(f"{node.name} is not an einsum with explicit output labels or a matmul of two tensors")
+    labels = sorted(set("".join(parts[0])) | set(parts[1]))
+    axes = _operand_axes(parts, labels.index)
+    trees = [_factor_tree(o, a, h, frozenset(chain)) for o, a in zip(parts[2], axes)]
+    to_scan, c_leaves = _split_h(trees, h, chain)
     if not c_leaves:
         raise _Decline("the contraction sums h without multiplying by C")
-    reduced = _norm_dim(dims[0], rank)
-    if to_scan.get(reduced) != ids["N"]:
-        raise _Decline(f"{s.name} sums over an axis of h other than the state axis N")
-    c_tree = _translate(_subtree(tree, c_leaves, "C"), to_scan)
-    y_axes = tuple(to_scan[i] for i in range(rank) if i != reduced)
-    return s, c_tree, y_axes, [tree]
+    c_tree = next(_subtree(t, c_leaves, "C") for t in trees if any(leaf is c_leaves[0] for leaf in t.leaves()))
+    y_axes = tuple(to_scan.get(labels.index(label)) for label in parts[1])
+    kept = [a for a in y_axes if a is not None]
+    if any(a is None and size != 1 for a, size in zip(y_axes, _shape(node))) or sorted(kept) != sorted(
+        (ids["batch"], ids["dim"], ids["L"])
+    ):
+        raise _Decline(f"{node.name} does not sum exactly the state axis N of h (nor keep only h's other axes)")
+    return _translate(c_tree, to_scan), y_axes, trees
 
 
-def _einsum_epilogue(h: Node, e: Node, chain: list[Node], ids: dict):
-    parts = _einsum_parts(e)
-    if parts is None or len(parts[0]) != 2:
-        raise _Decline(f"{e.name} is not a two-operand einsum with explicit output labels ({e.args[:1]})")
-    specs, out, operands = parts
-    labels = sorted(set("".join(specs)))
-    sizes = _label_sizes(specs, operands)
-    trees = []
-    for spec, operand in zip(specs, operands):
-        axes = tuple(None if (size == 1 and sizes.get(label, 1) != 1) else labels.index(label)
-                     for label, size in zip(spec, _shape(operand)))
-        trees.append(_factor_tree(operand, axes, h))
-    _, to_scan, c_leaves = _split_h(trees, h, chain)
-    if not c_leaves:
-        raise _Decline("the contraction sums h without multiplying by C")
-    c_ids = {id(leaf) for leaf in c_leaves}
-    c_tree = next(_subtree(t, c_leaves, "C") for t in trees if any(id(leaf) in c_ids for leaf in t.leaves()))
-    equation = e.args[0]
-    if any(labels.index(lab) not in to_scan for lab in out):
-        raise _Decline(f"einsum {equation!r} keeps an axis that is not one of h's")
-    y_axes = tuple(to_scan[labels.index(lab)] for lab in out)
-    summed = set(to_scan.values()) - set(y_axes)
-    if summed != {ids["N"]} or len(y_axes) != 3:
-        raise _Decline(f"einsum {equation!r} does not sum exactly the state axis N of h")
-    return e, _translate(c_tree, to_scan), y_axes, trees
+@dataclass
+class _Epilogue:
+    contraction: Node
+    c_tree: _Tree  # C's product tree, axes in scan ids
+    y_axes: tuple  # the scan id of each axis of the contraction's output (None: size 1)
+    trees: list  # the contraction's operand trees (their inner nodes may die with the scan)
+    readers: list  # (node, scan ids of its axes): reads of h's last time step
 
 
-def _fake_mode(values: list) -> Any:
-    """The fake mode the example values were made in (the backend may run under another one)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
-    if len(modes) != 1 or len(values) != sum(isinstance(v, FakeTensor) for v in values):
-        raise _Decline("the graph's nodes carry no (single) fake example values; run the pass on a Dynamo graph")
-    return next(iter(modes.values()))
+def _epilogue(h: Node, live: _Liveness, ids: dict) -> _Epilogue:
+    """Where h goes: one C contraction, and any number of reads of its last time step."""
+    contraction, between, readers = _h_consumers(h, live)
+    chain = _ancestors_within(contraction, between)
+    c_tree, y_axes, trees = _contraction(h, contraction, chain, ids)
+    return _Epilogue(contraction, c_tree, y_axes, trees, [(r, _reader_axes(r, h, between, ids)) for r in readers])
 
 
-def _apply_layout(fake: torch.Tensor, layout: _Layout) -> None:
-    if layout.squeeze:
-        fake = torch.squeeze(fake, layout.squeeze)
-    layout.squeezed = fake
-    layout.fake = torch.permute(fake, layout.perm) if layout.perm is not None else fake
+def _scan_dtype(core: _Core, layouts: dict, y_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(the dtype the scan runs in, the dtype the op will return y in); casts u and delta where the
+    op needs it.
+
+    selective_scan carries its states in float32 (float64 for float64 u), returns y in u's dtype and
+    needs u and delta in one dtype. The original's states are the op's if the scan runs in that
+    dtype and every argument converts to it exactly. u and delta are cast to the scan's dtype
+    (exact) when they differ, or when y is wanted in another dtype than u's: y then leaves the op
+    unrounded and is rounded once, to the contraction's dtype."""
+    scan, drive = _val(core.decay).dtype, _val(core.drive).dtype
+    if drive != scan or scan not in (torch.float32, torch.float64):
+        raise _Decline(f"the scan runs in {scan} (decay) / {drive} (drive); selective_scan carries its states in "
+                       "float32 (float64 for float64 inputs), so it would not compute the same states")
+    for role, layout in layouts.items():
+        dtype = _val(layout.base).dtype
+        if not _preserves_values(dtype, scan):
+            raise _Decline(f"{role} ({layout.base.name}) is {dtype} but the scan runs in {scan}; selective_scan "
+                           f"would compute with {role} converted to {scan}")
+    u, delta = _val(layouts["u"].base), _val(layouts["delta"].base)
+    if u.dtype == delta.dtype == y_dtype and compute_dtype_for(u) == scan:
+        return scan, u.dtype
+    for role, value in (("u", u), ("delta", delta)):
+        if value.dtype != scan:
+            layouts[role].steps += (("to", scan),)
+    return scan, scan
 
 
-def _validate(core: _Core, live: _Liveness) -> Match:
+def _validate(core: _Core, live: _Liveness, order: dict) -> Match:
     ids, decay_tree, dt_tree, dt_leaves, a_tree = _decay_roles(core.decay, core.scan_dim)
     if _shape(core.drive) != _shape(core.decay):
         raise _Decline("decay and drive have different shapes")
@@ -1136,7 +1335,7 @@ def _validate(core: _Core, live: _Liveness) -> Match:
     if not b_leaves or not u_leaves:
         raise _Decline("the drive is not dt * u * B (no u or no B factor besides dt)")
     u_tree, b_tree = _subtree(drive_tree, u_leaves, "u"), _subtree(drive_tree, b_leaves, "B")
-    contraction, c_tree, y_axes, epilogue_trees = _epilogue(core.h, live, ids)
+    epilogue = _epilogue(core.h, live, ids)
     channels = _shape(core.decay)[ids["dim"]]
     b, c, t, n = ids["batch"], ids["dim"], ids["L"], ids["N"]
     layouts = {
@@ -1145,42 +1344,61 @@ def _validate(core: _Core, live: _Liveness) -> Match:
         "A": _layout("A", a_tree, (c, n), ids),
     }
     b_form, layouts["B"] = _projection("B", b_tree, ids, channels)
-    c_form, layouts["C"] = _projection("C", c_tree, ids, channels)
-    values = {role: _val(layout.base) for role, layout in layouts.items()}
-    dtypes = {v.dtype for v in values.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise _Decline(f"u, dt, A, B, C have dtypes {sorted(map(str, dtypes))}; selective_scan needs one float dtype")
-    mode = _fake_mode(list(values.values()))
-    y_perm = tuple((b, c, t).index(a) for a in y_axes)
-    y_perm = None if y_perm == (0, 1, 2) else y_perm
+    c_form, layouts["C"] = _projection("C", epilogue.c_tree, ids, channels)
+    y_dtype = _val(epilogue.contraction).dtype
+    scan_dtype, op_y_dtype = _scan_dtype(core, layouts, y_dtype)
+    outputs = [(epilogue.contraction, 0, _output_layout((b, c, t), epilogue.y_axes, op_y_dtype, y_dtype))]
+    outputs += [(r, 1, _output_layout((b, c, n), axes, scan_dtype, _val(r).dtype)) for r, axes in epilogue.readers]
+    mode = _fake_mode([_val(layout.base) for layout in layouts.values()])
     try:
         with mode:
-            for role, layout in layouts.items():
-                _apply_layout(values[role], layout)
-            y, state = _SCAN_OP(*(layouts[r].fake for r in ("u", "delta", "A", "B", "C")), None, None, None, False)
-            y_out = torch.permute(y, y_perm) if y_perm is not None else y
+            for layout in layouts.values():
+                layout.fakes = _run_steps(_val(layout.base), layout.steps)
+            op_fakes = _SCAN_OP(*(_last_fake(layouts[r]) for r in _ROLES), None, None, None, False)
+            for _, index, layout in outputs:
+                layout.fakes = _run_steps(op_fakes[index], layout.steps)
     except Exception as exc:  # noqa: BLE001  (any failure here means: do not rewrite)
         raise _Decline(f"selective_scan rejects the matched arguments: {exc}") from exc
-    expected = _val(contraction)
-    if expected is None or tuple(expected.shape) != tuple(y_out.shape) or expected.dtype != y_out.dtype:
-        raise _Decline(
-            f"selective_scan would give y {tuple(y_out.shape)} {y_out.dtype} but the contraction gives "
-            f"{None if expected is None else (tuple(expected.shape), expected.dtype)}"
-        )
+    for node, index, layout in outputs:
+        got, expected = layout.fakes[-1] if layout.fakes else op_fakes[index], _val(node)
+        if expected is None or tuple(expected.shape) != tuple(got.shape) or expected.dtype != got.dtype:
+            raise _Decline(
+                f"selective_scan would give {('y', 'the last state')[index]} {tuple(got.shape)} {got.dtype} but "
+                f"{node.name} gives {None if expected is None else (tuple(expected.shape), expected.dtype)}"
+            )
+    first = min((node for node, _, _ in outputs), key=order.__getitem__)
+    late = [layout.base for layout in layouts.values() if order[layout.base] > order[first]]
+    if late:
+        raise _Decline(f"{late[0].name} is computed after {first.name} reads h; selective_scan cannot replace both")
     # Nodes that may die with the scan (each is erased only if nothing else uses it).
-    prologue = [core.decay, core.drive, contraction]
-    for tree in (decay_tree, drive_tree, *epilogue_trees):
+    prologue = [core.decay, core.drive, epilogue.contraction]
+    for tree in (decay_tree, drive_tree, *epilogue.trees):
         prologue += [t.node for t in tree.walk() if t.kind != "leaf"]
     return Match(
-        core.anchor, core.form, _module_path(core.anchor), b_form, c_form, contraction,
-        core, layouts, y_perm, (y, state, y_out), prologue,
+        core.anchor, core.form, _module_path(core.anchor), b_form, c_form, epilogue.contraction,
+        bool(epilogue.readers), core, layouts, outputs, op_fakes, prologue,
     )
+
+
+def _last_fake(layout: _Layout) -> torch.Tensor:
+    return layout.fakes[-1] if layout.fakes else _val(layout.base)
+
+
+def _fake_mode(values: list) -> Any:
+    """The fake mode the example values were made in (the backend may run under another one)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
+    if len(modes) != 1 or len(values) != sum(isinstance(v, FakeTensor) for v in values):
+        raise _Decline("the graph's nodes carry no (single) fake example values; run the pass on a Dynamo graph")
+    return next(iter(modes.values()))
 
 
 def match_associative_scans(gm: torch.fx.GraphModule) -> list[Union[Match, Declined]]:
     """Every associative_scan of the graph, matched or declined with a reason; changes nothing."""
     live = _Liveness()
     found: list[tuple[Node, str, Union[_Core, Declined]]] = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if _op(node) == "associative_scan":
             try:
@@ -1203,13 +1421,12 @@ def match_associative_scans(gm: torch.fx.GraphModule) -> list[Union[Match, Decli
             results.append(item)
             continue
         try:
-            results.append(_validate(item, live))
+            results.append(_validate(item, live, order))
         except _Decline as exc:
             results.append(Declined(node, form, _module_path(node), str(exc)))
         except Exception as exc:  # noqa: BLE001  (an analysis failure must never break compilation)
             log.warning("associative_scan %s: analysis failed, left alone: %r", node.name, exc)
             results.append(Declined(node, form, _module_path(node), f"analysis failed: {exc!r}"))
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(results, key=lambda r: order[r.node])
 
 
@@ -1227,33 +1444,36 @@ def _copy_meta(new: Node, anchor: Node, fake: Any) -> None:
         new.meta[key] = fake
 
 
+def _emit(graph: torch.fx.Graph, node: Node, layout: _Layout, anchor: Node) -> Node:
+    for (kind, arg), fake in zip(layout.steps, layout.fakes):
+        if kind == "to":
+            node = graph.call_method("to", (node, arg))
+        else:
+            node = graph.call_function(_STEP_FUNCTIONS[kind], (node, arg))
+        _copy_meta(node, anchor, fake)
+    return node
+
+
 def _rewrite(gm: torch.fx.GraphModule, match: Match) -> Node:
     graph, anchor = gm.graph, match.node
+    order = {n: i for i, n in enumerate(graph.nodes)}
     made: dict[tuple, Node] = {}
-    args = []
-    with graph.inserting_before(match.contraction):
-        for role in ("u", "delta", "A", "B", "C"):
-            layout = match._args[role]
-            key = (layout.base, layout.squeeze, layout.perm)
-            if key not in made:
-                arg = layout.base
-                if layout.squeeze:
-                    arg = graph.call_function(torch.squeeze, (arg, layout.squeeze))
-                    _copy_meta(arg, anchor, layout.squeezed)
-                if layout.perm is not None:
-                    arg = graph.call_function(torch.permute, (arg, layout.perm))
-                    _copy_meta(arg, anchor, layout.fake)
-                made[key] = arg
-            args.append(made[key])
-        y_fake, state_fake, y_out_fake = match._fakes
+    outputs: dict[int, Node] = {}
+    replacements = []
+    with graph.inserting_before(min((node for node, _, _ in match._outputs), key=order.__getitem__)):
+        for layout in match._args.values():
+            if (layout.base, layout.steps) not in made:
+                made[layout.base, layout.steps] = _emit(graph, layout.base, layout, anchor)
+        args = [made[match._args[role].base, match._args[role].steps] for role in _ROLES]
         scan = graph.call_function(_SCAN_OP, (*args, None, None, None, False))
-        _copy_meta(scan, anchor, (y_fake, state_fake))
-        y = graph.call_function(operator.getitem, (scan, 0))
-        _copy_meta(y, anchor, y_fake)
-        if match._y_perm is not None:
-            y = graph.call_function(torch.permute, (y, match._y_perm))
-            _copy_meta(y, anchor, y_out_fake)
-    match.contraction.replace_all_uses_with(y)
+        _copy_meta(scan, anchor, match._op_fakes)
+        for node, index, layout in match._outputs:
+            if index not in outputs:
+                outputs[index] = graph.call_function(operator.getitem, (scan, index))
+                _copy_meta(outputs[index], anchor, match._op_fakes[index])
+            replacements.append((node, _emit(graph, outputs[index], layout, anchor)))
+    for node, value in replacements:
+        node.replace_all_uses_with(value)
     core = match._core
     # The scan's own nodes and every pure node hanging off them (Dynamo's unused probes, the dead
     # cumulative-decay path), then the prologue/epilogue: erased users-first, only when unused.
@@ -1261,7 +1481,7 @@ def _rewrite(gm: torch.fx.GraphModule, match: Match) -> Node:
     frontier = list(candidates)
     while frontier:
         for user in frontier.pop().users:
-            if user not in candidates and _op(user) in _PURE and user is not match.contraction:
+            if user not in candidates and _op(user) in _PURE:
                 candidates.add(user)
                 frontier.append(user)
     candidates |= set(match._prologue)

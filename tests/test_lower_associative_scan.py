@@ -30,6 +30,7 @@ from torch._higher_order_ops.associative_scan import associative_scan, associati
 
 from vmeanba_compiler.passes.lower_associative_scan import Declined, Match, lower_associative_scan, match_associative_scans
 from vmeanba_compiler.passes.scan_sites import SCAN_TARGETS, find_scan_sites
+from vmeanba_compiler.testing import assert_scan_close
 
 RTOL, ATOL = 1e-4, 1e-4  # float32: the op and the parallel scan sum in different orders
 
@@ -170,7 +171,8 @@ class Block(torch.nn.Module):
         self.mixer = torch.nn.ModuleDict({"ssm": scan})
 
     def forward(self, *args):
-        return self.mixer["ssm"](*args) * 2.0
+        out = self.mixer["ssm"](*args)
+        return out * 2.0 if isinstance(out, torch.Tensor) else out
 
 
 def make_inputs(batch=2, groups=2, d=2, N=3, L=5, b_form="shared", c_form="shared", seed=0):
@@ -197,6 +199,7 @@ class Capture:
 
     def __call__(self, gm, example_inputs):
         self.before = str(gm.graph)
+        self.before_names = {n.name for n in gm.graph.nodes}
         self.reports = match_associative_scans(gm)
         self.gm = lower_associative_scan(gm)
         self.after = str(self.gm.graph)
@@ -480,3 +483,218 @@ def test_backend_explain_and_calibrate_see_associative_scan_sites_end_to_end():
     profile = vc.calibrate(model, [inputs], progress=False)
     assert profile.site_ids == ["mixer.ssm:0"]
     assert_backend_matches_eager(model, inputs, sites=["mixer.ssm:0"])
+
+
+# --------------------------------------------------------------------------------------------
+# (f): what real code writes: Hugging Face transformers' mamba_selective_scan, and hand-written
+# variants of it (dtype casts before C, a matmul contraction, the last state read)
+# --------------------------------------------------------------------------------------------
+
+# Tolerances: `assert_scan_close` at the dtype of the result. For bfloat16 y the original rounds every
+# state to bfloat16 before the contraction while the op rounds only y; that stays within the
+# bfloat16 tolerance for the scan's own output. D and z are applied to y afterwards only in the
+# float32 cases: in bfloat16 each of their roundings, and cancellation in y + D*u, would turn a
+# one-ulp difference of y into a larger relative one that says nothing about the rewrite.
+
+
+def mamba_inputs(dtype, batch=2, dim=4, N=3, L=6, seed=0):
+    """Arguments as transformers' MambaMixer passes them: A is float32 (-exp(A_log.float())),
+    everything else in the model's dtype; B and C are (batch, N, L)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, dim, L, generator=g).to(dtype),
+        dt=(torch.randn(batch, dim, L, generator=g) * 0.5).to(dtype),
+        A=-(torch.rand(dim, N, generator=g) + 0.5),
+        B=torch.randn(batch, N, L, generator=g).to(dtype),
+        C=torch.randn(batch, N, L, generator=g).to(dtype),
+        D=torch.randn(dim, generator=g).to(dtype),
+        z=torch.randn(batch, dim, L, generator=g).to(dtype),
+        delta_bias=torch.randn(dim, generator=g) * 0.1,
+    )
+
+
+def unwrapped_mamba_selective_scan():
+    """A copy of transformers' function: the project's trace-time substitution is keyed on the
+    original function object, so tracing the copy records transformers' own code."""
+    import inspect
+    import types
+
+    modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    fn = inspect.unwrap(modeling_mamba.mamba_selective_scan)
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+@pytest.mark.parametrize("return_last_state", [True, False], ids=["last_state", "y_only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transformers_mamba_selective_scan_becomes_one_op(dtype, return_last_state):
+    """use_associative_scan=True on CPU: generic associative_scan, `.float()` casts in the prologue,
+    states cast to the input dtype and contracted with C by a matmul, `all_states[:, :, -1]`."""
+    scan = unwrapped_mamba_selective_scan()
+    skip = dtype == torch.float32  # D and z (see the tolerances above)
+
+    def f(hidden_states, dt, A, B, C, D, z, delta_bias):
+        return scan(hidden_states, dt, A, B, C, D if skip else None, z if skip else None, delta_bias,
+                    delta_softplus=True, return_last_state=return_last_state, use_associative_scan=True)
+
+    inputs = mamba_inputs(dtype)
+    expected = f(**inputs)  # eager: transformers' sequential loop
+    torch._dynamo.reset()
+    capture = Capture()
+    with torch.no_grad():
+        out = torch.compile(f, backend=capture, fullgraph=True)(**inputs)
+    assert [(type(r), getattr(r, "last_state", None)) for r in capture.reports] == [(Match, return_last_state)]
+    assert count(capture.gm, is_scan_op) == 1 and count(capture.gm, is_associative_scan_leftover) == 0, capture.after
+    if return_last_state:
+        (y, state), (y_ref, state_ref) = out, expected
+        assert state.dtype == state_ref.dtype == torch.float32
+        assert_scan_close(state, state_ref, torch.float32, "last state")
+    else:
+        y, y_ref = out, expected
+    assert y.dtype == y_ref.dtype == dtype
+    assert_scan_close(y, y_ref, dtype, "y")
+
+
+class MambaStyle(torch.nn.Module):
+    """transformers' scan written by hand, with the variations real code has.
+
+    contraction: "matmul" (torch.matmul(h.transpose(1, 2), C.unsqueeze(-1)).squeeze(-1).transpose(1, 2)),
+    "at" (`@` of (.., 1, N) rows and (.., N, 1) columns), "sum" ((h * C).sum(-1)) or "einsum". cast: None, "input"
+    (.to(u.dtype)), "float" (.float()) or "type_as" (.type_as(u)) on the states before C. last:
+    None, "index" (h[:, :, -1]), "select" (h.select(2, -1)), "transposed" (h.transpose(1, 2)[:, -1])
+    or "L-1" (h[:, :, L - 1]). skip: D and z are applied to y afterwards, as Mamba does.
+    """
+
+    def __init__(self, frontend, contraction="matmul", cast="input", last="index", skip=False):
+        super().__init__()
+        self.frontend, self.contraction, self.cast, self.last = frontend, contraction, cast, last
+        self.skip = skip
+
+    def forward(self, hidden_states, dt, A, B, C, D, z, delta_bias):
+        u = hidden_states
+        dt = F.softplus(dt + delta_bias.to(dt.dtype)[..., None])
+        decay = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+        drive = dt[:, :, :, None] * B.transpose(1, 2)[:, None].float() * u[:, :, :, None].float()
+        _, h = scan_fn(self.frontend, affine, (decay, drive), 2)
+        hc = {None: h, "input": h.to(u.dtype), "float": h.float(), "type_as": h.type_as(u)}[self.cast]
+        if self.contraction == "matmul":
+            y = torch.matmul(hc.transpose(1, 2), C.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        elif self.contraction == "at":
+            y = (hc.unsqueeze(-2) @ C.transpose(1, 2)[:, None, :, :, None])[..., 0, 0]  # (.., 1, n) @ (.., n, 1)
+        elif self.contraction == "sum":
+            y = (hc * C.transpose(1, 2)[:, None].float()).sum(-1)
+        else:
+            y = torch.einsum("bdln,bnl->bdl", hc, C.to(hc.dtype))
+        if self.skip:
+            y = (y + u * D[None, :, None]) * F.silu(z)
+        if self.last is None:
+            return y
+        state = {
+            "index": lambda: h[:, :, -1],
+            "select": lambda: h.select(2, -1),
+            "transposed": lambda: h.transpose(1, 2)[:, -1],
+            "L-1": lambda: h[:, :, h.shape[2] - 1],
+        }[self.last]()
+        return y, state
+
+
+def run_mamba_style(module, dtype):
+    inputs = list(mamba_inputs(dtype).values())
+    expected = module(*inputs)
+    torch._dynamo.reset()
+    capture = Capture()
+    with torch.no_grad():
+        out = torch.compile(module, backend=capture, fullgraph=True)(*inputs)
+    return capture, out, expected
+
+
+@pytest.mark.parametrize(
+    "frontend,dtype,variant",
+    [
+        ("generic", torch.float32, dict(skip=True)),
+        ("hop", torch.bfloat16, dict()),
+        ("generic", torch.bfloat16, dict(contraction="sum", cast="float", last="select")),
+        ("hop", torch.bfloat16, dict(contraction="einsum", cast="type_as", last="transposed")),
+        ("hop", torch.float32, dict(contraction="at", cast=None, last="L-1", skip=True)),
+        ("hop", torch.bfloat16, dict(contraction="at", cast="input", last=None)),
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v).replace("torch.", ""),
+)
+def test_casts_matmul_and_last_state_variants_become_one_op(frontend, dtype, variant):
+    module = MambaStyle(frontend, **variant)
+    capture, out, expected = run_mamba_style(module, dtype)
+    last = variant.get("last", "index")
+    assert [(type(r), getattr(r, "last_state", None)) for r in capture.reports] == [(Match, last is not None)]
+    assert count(capture.gm, is_scan_op) == 1 and count(capture.gm, is_associative_scan_leftover) == 0, capture.after
+    y, y_ref = (out[0], expected[0]) if last else (out, expected)
+    assert y.dtype == y_ref.dtype
+    assert_scan_close(y, y_ref, y_ref.dtype, "y")
+    if last:
+        assert out[1].dtype == expected[1].dtype
+        assert_scan_close(out[1], expected[1], torch.float32, "last state")
+
+
+def test_last_state_and_casts_are_new_nodes_with_the_scans_meta():
+    """Every node the pass creates (argument casts, the op, its two outputs in the callers'
+    layouts) carries the module stack and stack trace site ids are built from."""
+    model = Block(MambaStyle("hop", contraction="sum", cast="float", last="transposed"))
+    capture, _, _ = run_mamba_style(model, torch.bfloat16)
+    (scan,) = [n for n in capture.gm.graph.nodes if n.op == "call_function" and is_scan_op(n)]
+    new = [n for n in capture.gm.graph.nodes if n.name not in capture.before_names]
+    assert scan in new and any(n.op == "call_method" and n.target == "to" for n in new)  # u, dt -> float32
+    assert {n.args[1] for n in new if n.target is operator.getitem} == {0, 1}
+    for node in new:
+        assert node.meta["nn_module_stack"] == scan.meta["nn_module_stack"], node
+        assert node.meta["stack_trace"] == scan.meta["stack_trace"], node
+        assert isinstance(node.meta["example_value"], (torch.Tensor, tuple)), node
+    assert list(scan.meta["nn_module_stack"].values())[-1][1] is MambaStyle
+    assert find_scan_sites(capture.gm)[0].site_id == "mixer.ssm:0"
+
+
+class DeclinedMambaStyle(MambaStyle):
+    """MambaStyle with one thing the pass must not rewrite (see `test_..._declined` below)."""
+
+    def __init__(self, frontend, what):
+        super().__init__(frontend)
+        self.what = what
+
+    def forward(self, hidden_states, dt, A, B, C, D, z, delta_bias):
+        u = hidden_states
+        if self.what == "bf16_scan":
+            A, dt = A.to(u.dtype), dt
+        decay = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+        drive = dt[:, :, :, None] * B.transpose(1, 2)[:, None] * u[:, :, :, None]
+        _, h = scan_fn(self.frontend, affine, (decay, drive), 2)
+        hc = h.to(torch.int32).to(h.dtype) if self.what == "int_cast" else h
+        y = (hc * C.transpose(1, 2)[:, None]).sum(-1)
+        if self.what == "first_step":
+            return y, h[:, :, 0]
+        if self.what == "channel_last":
+            return y, h[:, -1]
+        if self.what == "scaled_state":
+            return y, (h * 2.0)[:, :, -1]
+        return y
+
+
+@pytest.mark.parametrize(
+    "what,dtype,reason",
+    [
+        ("first_step", torch.float32, "not by a C contraction or a read of its last step"),
+        ("channel_last", torch.float32, "other than the time axis L"),
+        ("scaled_state", torch.float32, "not a view or cast of h"),
+        ("int_cast", torch.float32, "not by a C contraction"),
+        ("bf16_scan", torch.bfloat16, "the scan runs in torch.bfloat16"),
+    ],
+)
+def test_what_selective_scan_cannot_reproduce_is_declined(what, dtype, reason):
+    """Reads of h other than its last time step, the state scaled before it is read, a cast of
+    the states to a non-float dtype, and a scan computed in bfloat16 (the op carries float32
+    states) are left alone with their reason."""
+    module = DeclinedMambaStyle("hop", what)
+    capture, out, expected = run_mamba_style(module, dtype)
+    declined = [r for r in capture.reports if isinstance(r, Declined)]
+    assert len(declined) == 1 and reason in declined[0].reason, capture.reports
+    assert capture.after == capture.before and count(capture.gm, is_scan_op) == 0
+    for o, e in zip(pytree.tree_leaves(out), pytree.tree_leaves(expected)):
+        torch.testing.assert_close(o, e, rtol=RTOL, atol=ATOL)
