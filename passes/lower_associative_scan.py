@@ -171,7 +171,9 @@ for _name, _targets in {
     "transpose": (torch.transpose, torch.swapaxes, torch.swapdims, _aten("transpose")),
     "permute": (torch.permute, _aten("permute")),
     "expand": (_aten("expand"),),
-    "reshape": (torch.reshape, torch.squeeze, _aten("reshape"), _aten("view"), _aten("_unsafe_view"), _aten("squeeze")),
+    "reshape": (
+        torch.reshape, torch.squeeze, _aten("reshape"), _aten("view"), _aten("_unsafe_view"), _aten("squeeze"),
+    ),
     "repeat_interleave": (torch.repeat_interleave, _aten("repeat_interleave")),
     "getitem": (operator.getitem,),
     "sum": (torch.sum, _aten("sum")),
@@ -218,12 +220,9 @@ _METHODS = {
     "bfloat16": "cast",
 }
 
-# Ops known to be pure: a user made of these with no live users of its own does not count.
-_PURE = {
-    "mul", "add", "exp", "movedim", "unsqueeze", "transpose", "permute", "expand", "reshape",
-    "repeat_interleave", "getitem", "sum", "einsum", "flip", "select_copy", "contiguous", "slice",
-    "cat", "stack", "flatten", "pad", "add_batch_dim", "remove_batch_dim", "matmul", "select", "cast",
-}
+# Every op above but the vmap markers is pure: a user made of these with no live users of its own
+# does not count.
+_PURE = (set(_FUNCTIONS.values()) | set(_METHODS.values())) - {"vmap_marker"}
 # Ops that only move, broadcast or convert values; `_view_axes` says how their axes map.
 _VIEWS = {"getitem", "select", "unsqueeze", "transpose", "permute", "movedim", "expand", "reshape",
           "repeat_interleave", "contiguous", "cast"}
@@ -1246,14 +1245,15 @@ def _split_h(trees: list[_Tree], h: Node, chain: set) -> tuple[dict, list[_Tree]
 
 
 def _translate(tree: _Tree, to_scan: dict) -> _Tree:
-    def tr(a):
-        if a is None:
-            return None
-        if isinstance(a, _Rep):
-            return _Rep(to_scan.get(a.axis, "x"), a.repeats)
-        return to_scan.get(a, "x")
+    """`tree` with contraction labels replaced by scan ids ("x" for a label that is not h's)."""
 
-    return _Tree(tree.node, tuple(tr(a) for a in tree.axes), tuple(_translate(c, to_scan) for c in tree.children), tree.kind)
+    def tr(a):
+        if isinstance(a, _Rep):
+            return _Rep(tr(a.axis), a.repeats)
+        return None if a is None else to_scan.get(a, "x")
+
+    children = tuple(_translate(c, to_scan) for c in tree.children)
+    return _Tree(tree.node, tuple(map(tr, tree.axes)), children, tree.kind)
 
 
 def _contraction(h: Node, node: Node, chain: set, ids: dict) -> tuple[_Tree, tuple, list[_Tree]]:

@@ -12,7 +12,8 @@ Two frontends produce the two graph forms the pass reads (see the pass's docstri
   gets. Its eager execution runs the HOP's dense CPU implementation.
 
 The oracle is the module's own eager output: the scan computed by PyTorch's associative_scan,
-independent of the vmeanba op.
+independent of the vmeanba op. For transformers' `mamba_selective_scan` it is the function itself
+run eagerly (its sequential loop: eager execution never takes its associative_scan path).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ class ScanAS(torch.nn.Module):
         elif self.contraction == "einsum":
             Cx = self._proj(C, self.c_form, dim)
             y = torch.einsum("xyzn,xyzn->xyz", h, Cx)  # size-1 axes of Cx broadcast
+        elif self.contraction == "matmul":  # (.., 1, N) @ (.., N, 1), batch axes broadcast
+            y = (h.unsqueeze(-2) @ self._proj(C, self.c_form, dim).unsqueeze(-1))[..., 0, 0]
         else:
             y = (h * self._proj(C, self.c_form, dim)).sum(-1)
         if self.layout == "bldn":
@@ -260,6 +263,7 @@ def assert_declined(capture, out, expected, reason_part):
         dict(b_form="fixed", c_form="shared", contraction="einsum"),
         dict(b_form="shared", c_form="fixed", contraction="einsum"),
         dict(b_form="grouped", c_form="shared", layout="bldn", contraction="einsum"),
+        dict(b_form="fixed", c_form="grouped", layout="bldn", contraction="matmul"),
         dict(softplus=True, combine=affine_drive_first, leaves="drive_first"),
         dict(prologue="einsum", contraction="einsum"),
         dict(prologue="einsum", b_form="grouped", c_form="fixed", contraction="einsum"),
@@ -452,7 +456,7 @@ def test_reversed_scan_is_declined(frontend):
     layout=st.sampled_from(["bdln", "bldn"]),
     b_form=st.sampled_from(["shared", "grouped", "fixed"]),
     c_form=st.sampled_from(["shared", "grouped", "fixed"]),
-    contraction=st.sampled_from(["sum", "einsum"]),
+    contraction=st.sampled_from(["sum", "einsum", "matmul"]),
     seed=st.integers(0, 2**16),
 )
 def test_varied_shapes_and_projection_forms(frontend, batch, groups, d, N, L, layout, b_form, c_form, contraction, seed):
