@@ -439,3 +439,39 @@ def test_forward_does_not_depend_on_the_thread_split(threads: int) -> None:
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(default[0], split[0]) and torch.equal(default[1], split[1])
+
+
+def test_training_through_inductor_with_transposed_inputs() -> None:
+    """The backward's fake kernel promises contiguous gradients, as every kernel returns them; a
+    transposed u, delta, z or B reaching the op must not make Inductor expect (and assert) a
+    transposed gradient layout."""
+    g = torch.Generator().manual_seed(5)
+    batch, dim, state, length = 2, 6, 3, 7
+
+    def transposed(*shape: int) -> Tensor:  # (batch, a, b) values laid out as (batch, b, a)
+        return torch.randn(shape[0], shape[2], shape[1], generator=g).transpose(1, 2)
+
+    leaves = {
+        "u": transposed(batch, dim, length),
+        "delta": transposed(batch, dim, length),
+        "z": transposed(batch, dim, length),
+        "B": transposed(batch, state, length),
+        "C": torch.randn(batch, state, length, generator=g),
+        "A": -torch.rand(dim, state, generator=g) - 0.2,
+    }
+    assert not leaves["u"].is_contiguous()
+
+    def loss(u, delta, z, B, C, A):
+        y, _ = torch.ops.vmeanba.selective_scan(u, delta, A, B, C, None, z, None, True)
+        return y.square().sum()
+
+    def grads(fn):
+        inputs = [t.detach().requires_grad_() for t in leaves.values()]
+        fn(*inputs).backward()
+        return [t.grad for t in inputs]
+
+    expected = grads(loss)
+    actual = grads(torch.compile(loss, backend="inductor", fullgraph=True))
+    torch._dynamo.reset()
+    for name, a, e in zip(leaves, actual, expected):
+        assert_scan_close(a, e, torch.float32, f"grad {name}")

@@ -87,7 +87,7 @@ def _selective_scan_backward(
             result.append(u.new_empty(0))
             continue
         g = next(grads)
-        result.append(torch.zeros_like(leaf) if g is None else g)
+        result.append(torch.zeros_like(leaf, memory_format=torch.contiguous_format) if g is None else g.contiguous())
     return result
 
 
@@ -102,8 +102,11 @@ def _selective_scan_backward_cpu(
 def _selective_scan_backward_fake(
     grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus
 ):
+    # Contiguous whatever the inputs' layout, as every kernel returns them: a transposed u or B
+    # must not make Inductor expect a transposed gradient.
     inputs = [u, delta, A, B, C, D, z, delta_bias]
-    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in inputs]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else u.new_empty(0)
+            for t in inputs]
 
 
 def _setup_context(ctx, inputs, output):
