@@ -11,7 +11,8 @@ from __future__ import annotations
 from .csms6s import CSMS6S
 from .family import ScanFamily
 from .mamba_ssm import MAMBA_SSM
+from .transformers_mamba import TRANSFORMERS_MAMBA
 
-FAMILIES: tuple[ScanFamily, ...] = (MAMBA_SSM, CSMS6S)
+FAMILIES: tuple[ScanFamily, ...] = (MAMBA_SSM, CSMS6S, TRANSFORMERS_MAMBA)
 
 __all__ = ["FAMILIES", "ScanFamily"]
