@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx
@@ -23,10 +23,12 @@ import torch.fx
 from .. import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
 from ..lowering.scan_args import ProjectionForm, validate_scan_args
 from .site_identity import (
+    SharedGraph,
     SiteIdCollisionError,
     SiteNamer,
     current_trace_frame,
     normalize_module_path,
+    shared_graph,
     specialize_on_frame_module,
 )
 
@@ -56,6 +58,8 @@ class ScanSite:
     batch: Any  # int or SymInt: informational only (a profile is shape-independent)
     length: Any
     node: torch.fx.Node = field(compare=False, repr=False)
+    # set when Dynamo runs this site's compiled graph for other module instances too
+    shared: Optional[SharedGraph] = field(default=None, compare=False)
 
     @property
     def scan_flops(self) -> float:
@@ -158,6 +162,7 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
                 batch=shape.batch,
                 length=shape.length,
                 node=node,
+                shared=shared_graph(frame, owner.path, index),
             )
         )
         site = sites[-1]
@@ -165,6 +170,6 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
                   site.dim, site.state, site.groups, site.b_form, site.c_form, site.has_D, site.has_z,
                   site.batch, site.length)
     _check_no_collision(sites)
-    if sites and frame is not None and frame.frame_module is not None:
+    if sites and frame is not None and frame.guarded:
         specialize_on_frame_module()
     return sites

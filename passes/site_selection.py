@@ -8,7 +8,7 @@ reason in words, which `explain` prints and the rewrite pass acts on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from ..profile import SiteSignature
 from .scan_sites import ScanSite
@@ -48,15 +48,19 @@ def select_sites(
     model_owners: when the graph is one part of a model that graph breaks split (a Dynamo
     backend sees one graph at a time), the module paths of the whole model; a named site is then
     refused only if its module is not one of them (its scan may sit in another graph; ids owned
-    by a code location cannot be checked this way). None means
-    the graph is the whole model: every named site must be in it.
+    by a code location cannot be checked this way). None means the graph is the whole model:
+    every named site must be in it.
+
+    A site whose compiled graph Dynamo also runs for other module instances (`ScanSite.shared`)
+    must be decided like the same call in those instances; otherwise the selection is refused.
     """
     profile = config.profile
     if profile is not None:
         profile.check_compatible({s.site_id: site_signature(s) for s in sites}, partial=True)
     traced = [s.site_id for s in sites]
+    runs_here = traced + [i for s in sites if s.shared for i in s.shared.sibling_ids]
     if config.sites:
-        unknown = [i for i in config.sites if i not in traced]
+        unknown = [i for i in config.sites if i not in runs_here]
         if model_owners is not None:
             # Owners written as code locations ("<file.function>") belong to frames without a
             # module and cannot be checked against the model's modules.
@@ -64,31 +68,55 @@ def select_sites(
             unknown = [i for i in unknown if _owner(i) not in owners and not i.startswith("<")]
         if unknown:
             raise unknown_site_ids_error(unknown, traced)
-        return [
-            SiteDecision(i, i in config.sites, "named in sites" if i in config.sites else "not named in sites")
-            for i in traced
-        ]
+    decide = _decider(config)
+    decisions = []
+    for site in sites:
+        decision = decide(site.site_id)
+        if site.shared:
+            _check_alike(decision, [decide(i) for i in site.shared.sibling_ids if _decidable(i, config)])
+        decisions.append(decision)
+    return decisions
+
+
+def _decidable(site_id: str, config) -> bool:
+    """Named sites are decided by name; a profile-driven selection only knows calibrated sites."""
+    return bool(config.sites) or config.profile is None or site_id in config.profile.stats
+
+
+def _decider(config) -> Callable[[str], SiteDecision]:
+    """The decision for one site id under the configuration's selection."""
+    if config.sites:
+        return lambda i: SiteDecision(i, i in config.sites,
+                                      "named in sites" if i in config.sites else "not named in sites")
     if config.threshold is not None:
-        decisions = []
-        for site_id in traced:
-            value = profile.metric(site_id, config.metric)
+        def below_threshold(site_id: str) -> SiteDecision:
+            value = config.profile.metric(site_id, config.metric)
             below = value <= config.threshold
             relation = "<=" if below else ">"
-            decisions.append(
-                SiteDecision(site_id, below, f"{config.metric} {value:.4g} {relation} threshold {config.threshold:.4g}")
-            )
-        return decisions
+            return SiteDecision(site_id, below,
+                                f"{config.metric} {value:.4g} {relation} threshold {config.threshold:.4g}")
+        return below_threshold
     if config.top_k is not None:
-        chosen = _lowest_impact(profile, config.top_k)
-        return [
-            SiteDecision(
-                i, i in chosen,
-                f"impact rank {chosen[i]} of top_k={config.top_k}" if i in chosen
-                else f"impact not among the {config.top_k} lowest",
-            )
-            for i in traced
-        ]
-    return [SiteDecision(i, False, "no sites, threshold or top_k given") for i in traced]
+        chosen = _lowest_impact(config.profile, config.top_k)
+        return lambda i: SiteDecision(
+            i, i in chosen,
+            f"impact rank {chosen[i]} of top_k={config.top_k}" if i in chosen
+            else f"impact not among the {config.top_k} lowest",
+        )
+    return lambda i: SiteDecision(i, False, "no sites, threshold or top_k given")
+
+
+def _check_alike(decision: SiteDecision, siblings: list[SiteDecision]) -> None:
+    differing = [d for d in siblings if d.rewrite != decision.rewrite]
+    if differing:
+        rewritten = [d.site_id for d in [decision, *siblings] if d.rewrite]
+        kept = [d.site_id for d in [decision, *siblings] if not d.rewrite]
+        raise ValueError(
+            f"the selection rewrites {', '.join(rewritten)} but keeps {', '.join(kept)}, and these sites run "
+            "one compiled graph: a graph break in their module's code leaves a resume function that no "
+            "longer uses `self`, so Dynamo compiles it once for every instance. Select all of them or "
+            "none, or move the graph break (or use `self` after it) so each instance gets its own graph"
+        )
 
 
 def _lowest_impact(profile, k: int) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -89,6 +90,92 @@ class TwoScansOneModule(nn.Module):
         inputs = self.scan.scan_inputs(self.first(y1.transpose(1, 2)))
         y2, _ = torch.ops.vmeanba.selective_scan(*inputs.args())
         return y2.transpose(1, 2)
+
+
+class CoreMixin:
+    """The forward and scan methods live in a mixin listed after nn.Module in the bases, as in
+    VMamba's SS2D."""
+
+    def forward_v2(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.core(x).transpose(1, 2)
+
+    def core_v2(self, x: torch.Tensor, softplus: bool) -> torch.Tensor:
+        inputs = self.scan_inputs(x)
+        if self.graph_break:
+            torch._dynamo.graph_break()
+
+        def run() -> torch.Tensor:
+            return torch.ops.vmeanba.selective_scan(*inputs.args()[:-1], softplus)[0]
+
+        return run()
+
+
+class IndirectScanBlock(ScanBlock, CoreMixin):
+    """Reaches its scan the way VMamba's SS2D does: `forward` bound per instance to another
+    method, which calls the mixin's scan method through a functools.partial; the scan itself runs
+    in a closure, and the graph break (when on) sits in the middle of that method."""
+
+    def __init__(self, dim: int, graph_break: bool) -> None:
+        super().__init__(dim, graph_break)
+        self.forward = self.forward_v2
+        self.core = functools.partial(self.core_v2, softplus=True)
+
+
+class IndirectBackbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(IndirectScanBlock(8, graph_break=False) for _ in range(3))
+
+    def set_graph_breaks(self, on: bool) -> None:
+        for block in self.blocks:
+            block.graph_break = on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(1)
+
+
+@pytest.mark.parametrize("breaks_first", [False, True])
+def test_ids_do_not_depend_on_breaks_or_on_what_was_traced_before(breaks_first: bool) -> None:
+    """The same model object calibrated with and without breaks, in either order: one id per block
+    each time (an index that depended on the graph split, or on an earlier trace, would differ)."""
+    torch.manual_seed(0)
+    model = IndirectBackbone().eval()
+    profiles = {}
+    for breaks in (breaks_first, not breaks_first):
+        model.set_graph_breaks(breaks)
+        profiles[breaks] = vmeanba_compiler.calibrate(model, _batches(), impact=False, progress=False)
+    expected = ["blocks.0:0", "blocks.1:0", "blocks.2:0"]
+    assert profiles[False].site_ids == profiles[True].site_ids == expected
+    for site_id in expected:
+        assert math.isclose(profiles[True].metric(site_id, "ratio"), profiles[False].metric(site_id, "ratio"),
+                            rel_tol=1e-9)
+
+
+def test_a_graph_dynamo_shares_between_instances_is_selected_whole_or_not_at_all() -> None:
+    """After the break, core_v2 no longer uses `self`: Dynamo runs one compiled resume function for
+    all three blocks. Rewriting one of them alone cannot be compiled, so it is refused; all three
+    together are rewritten, each as the independent formula says."""
+    torch.manual_seed(0)
+    model = IndirectBackbone().eval()
+    model.set_graph_breaks(True)
+    x = _batches(1)[0]
+    with pytest.raises(Exception, match=r"rewrites blocks.1:0 but keeps .*one compiled graph"):
+        fresh_trace(model, "vmeanba", options={"sites": ["blocks.1:0"], "inductor": False})(x)
+    everything = ["blocks.0:0", "blocks.1:0", "blocks.2:0"]
+    with torch.no_grad():
+        plain = model(x)
+        expected = x
+        for block in model.blocks:
+            inputs = block.scan_inputs(expected)
+            expected = expected + vmeanba_formula(inputs, groups=1).to(x.dtype).transpose(1, 2)
+        expected = expected.mean(1)
+        actual = fresh_trace(model, "vmeanba", options={"sites": everything, "inductor": False})(x)
+    torch._dynamo.reset()
+    rtol, atol = MODEL_TOLERANCES[torch.float32]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    assert not torch.allclose(expected, plain, rtol=rtol, atol=atol), "negative control: the rewrite changes y"
 
 
 def _backbone(graph_break: bool) -> Backbone:

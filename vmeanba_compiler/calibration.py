@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .passes import canonicalize
 from .passes.reduced_scan import DT_MODES, SKIP_MODES, reduced_selective_scan
 from .passes.scan_sites import SiteIdCollisionError, find_scan_sites, scan_arguments
+from .passes.site_identity import SharedGraph
 from .passes.site_selection import site_signature
 from .profile import PROFILE_FORMAT_VERSION, Profile, SiteSignature, SiteStats, parameter_hash
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
@@ -43,11 +44,18 @@ class _SiteObserver(nn.Module):
         self.dt_mode, self.skip_mode = dt_mode, skip_mode
         self.signatures: dict[str, SiteSignature] = {}
         self.stats: dict[str, SiteStats] = {}
+        self.shared: dict[str, SharedGraph] = {}  # traced site id -> the instances sharing its graph
         self.recording = True
         self.reduced_site: Optional[str] = None
         self.batch_index = 0
 
     def forward(self, site_id: str, groups: int, **scan_args: Any) -> tuple[Tensor, Tensor]:
+        if site_id in self.shared:  # one graph run by several module instances: which one is it?
+            running = self.shared[site_id].running_site_id() or site_id
+            if running not in self.stats:
+                self.signatures[running] = self.signatures[site_id]
+                self.stats[running] = SiteStats()
+            site_id = running
         y, last_state = torch.ops.vmeanba.selective_scan(**scan_args)
         if not self.recording and self.reduced_site != site_id:
             return y, last_state
@@ -89,6 +97,8 @@ def _instrumenting_backend(observer: _SiteObserver) -> Callable:
                     "this with the model code"
                 )
             observer.stats.setdefault(site.site_id, SiteStats())
+            if site.shared is not None:
+                observer.shared[site.site_id] = site.shared
             with gm.graph.inserting_before(site.node):
                 new = gm.graph.call_module(
                     "vmeanba_observer", (site.site_id, site.groups), scan_arguments(site.node)
@@ -165,7 +175,7 @@ def calibrate(
                 )
             if impact:
                 observer.recording = False
-                for site_id, stats in observer.stats.items():
+                for site_id, stats in list(observer.stats.items()):
                     observer.reduced_site = site_id
                     reduced = _run(traced, inputs)
                     stats.impact.update(torch.tensor([_impact(full, reduced, target, loss_fn)], dtype=torch.float64))

@@ -112,7 +112,10 @@ def explain(model: nn.Module, example_inputs: Any, *, verbose: bool = True, **op
         call_with_inputs(traced, example_inputs)
     torch._dynamo.reset()
     report = ExplainReport([r for p in plans for r in _site_reports(p, config)], graph_count=len(plans))
-    traced_ids = list(dict.fromkeys(s.site_id for s in report.sites))
+    traced_ids = list(dict.fromkeys(
+        [s.site_id for p in plans for s in p.sites]
+        + [i for p in plans for s in p.sites if s.shared for i in s.shared.sibling_ids]
+    ))
     unknown = [i for i in config.sites if i not in traced_ids]
     if unknown:  # each graph only refuses ids of unknown modules; here the whole model was seen
         raise unknown_site_ids_error(unknown, traced_ids)
