@@ -122,9 +122,6 @@ def test_without_install_dynamo_unrolls_the_original_loop(standins):
         assert sum(len(_scan_nodes(g)) for g in graphs) == 0
         sizes.append(sum(len(g.graph.nodes) for g in graphs))
     assert sizes[1] > sizes[0] + 24, f"expected the loop over L unrolled, got node counts {sizes}"
-    before = ssi.CALLS["selective_scan_ref"]
-    torch.compile(block, backend="eager")(_x(8))
-    assert ssi.CALLS["selective_scan_ref"] > before  # the original ran (traced, then replayed)
     assert models.selective_scan_ref is ssi.selective_scan_ref
 
 
