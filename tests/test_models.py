@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,17 +55,33 @@ def test_named_config_builds(name: str) -> None:
     assert model.head.out_features == config.num_classes
 
 
-@pytest.mark.parametrize(
-    "name, low, high",
-    [
-        ("vmamba_v0_tiny", 21e6, 31e6),  # published: 22.9M
-        ("vmamba_v2_tiny", 25e6, 35e6),  # published: ~30M
-        ("vmamba_v2_small", 42e6, 58e6),  # published: ~50M
-        ("vmamba_v2_base", 75e6, 100e6),  # published: ~89M
-    ],
-)
-def test_published_parameter_counts_are_plausible(name: str, low: float, high: float) -> None:
-    assert low < _param_count(build_vmamba(name)) < high
+# Exact parameter counts; the README's model table states them rounded (22.9M, ..., 90k).
+PARAMETER_COUNTS = {
+    "vmamba_v0_tiny": 22_893_448,  # published: 22.9M
+    "vmamba_v2_tiny": 30_713_896,  # published: 30.7M
+    "vmamba_v2_small": 50_163_496,  # published: 50.2M
+    "vmamba_v2_base": 88_578_792,  # published: 88.6M
+    "vmamba_digits": 89_818,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
+def test_parameter_counts_are_exact(name: str) -> None:
+    assert _param_count(build_vmamba(name)) == PARAMETER_COUNTS[name]
+
+
+def _readme_params_column() -> dict[str, str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(vmamba_\w+)` \|.*\| ([^|]+?) \|$", readme, flags=re.M)
+    return dict(rows)
+
+
+def test_readme_states_the_parameter_counts() -> None:
+    column = _readme_params_column()
+    for name, count in PARAMETER_COUNTS.items():
+        stated = column[name].split()[0]
+        expected = f"{count / 1e6:.1f}M" if count >= 1e6 else f"{round(count / 1e3)}k"
+        assert stated == expected, (name, column[name], count)
 
 
 def test_published_defaults() -> None:
