@@ -87,8 +87,15 @@ def interpreter_run(tmp_path_factory) -> Callable[[], dict[str, str]]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETING, reason="the cases start their own interpreter process")
-def test_interpreter_cases_started(interpreter_run) -> None:
-    """Only starts the child process early: the compile checks below run while it works."""
+def test_interpreter_cases_listed_here_are_the_case_files_tests(interpreter_run) -> None:
+    """Requested first so the child process starts early (the compile checks below run while it
+    works); checks that INTERPRETER_CASES names exactly the test functions of the case file, so a
+    case added there cannot go unreported here."""
+    import ast
+
+    tree = ast.parse(CASES_FILE.read_text(encoding="utf-8"))
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    assert defined == set(INTERPRETER_CASES), (sorted(defined), INTERPRETER_CASES)
 
 
 # 2. Every config compiles for sm_90 -----------------------------------------------------------------
