@@ -23,8 +23,21 @@ def test_demo_selects_compiles_reports_and_writes_plots(tmp_path, capsys):
     assert result["selection"]["calibration_drop_bound"] <= result["selection"]["max_accuracy_drop"] == 0.03
     accuracy = result["test_accuracy"]
     assert accuracy["inductor"] == pytest.approx(metadata["accuracy"]["test"], abs=1.01 / 360)
+    # README / docs/RESULTS.md: 98.33% (354/360) without, 98.06% (353/360) with the 3% selection;
+    # compilation may round one borderline prediction the other way.
+    assert accuracy["inductor"] == pytest.approx(354 / 360, abs=1.01 / 360)
+    assert accuracy["vmeanba"] == pytest.approx(353 / 360, abs=1.01 / 360)
     assert accuracy["inductor"] - accuracy["vmeanba"] <= 0.03
-    assert result["compiled_matches_eager_rewrite"] and result["speedup_vs_inductor"] > 0
+    assert result["compiled_matches_eager_rewrite"] is True
+    # The speedup is the ratio of the two medians of the interleaved runs, each of --repeats samples.
+    timing = result["timing"]
+    for name in ("inductor", "vmeanba"):
+        samples = timing[name]["samples_ms"]
+        assert len(samples) == 2 and all(s > 0 for s in samples)
+        assert timing[name]["median_ms"] == pytest.approx(sorted(samples)[0] / 2 + sorted(samples)[1] / 2)
+        assert timing[name]["compile_s"] > 0
+    assert result["speedup_vs_inductor"] == pytest.approx(timing["inductor"]["median_ms"] / timing["vmeanba"]["median_ms"])
+    assert f"{result['speedup_vs_inductor']:.2f}x" in printed
     for name in ("site_metrics.png", "accuracy_vs_k.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert (out / "profile.json").exists()
