@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .demo import DEFAULT_BUDGET
+from .extras import MissingExtraError, import_extra
 from .training import TrainingSettings
 
 _MODEL_HELP = ("model: 'module:attr' naming an nn.Module or a factory called without arguments "
@@ -23,6 +24,9 @@ _DATA_HELP = ("data: 'module:attr' naming an iterable of batches or a function r
               "Tensor, a tuple of positional inputs or a dict of keyword inputs (with --labelled: an "
               "(inputs, labels) pair), e.g. vmeanba_compiler.digits:calibration_batches")
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+# commands that need the `demo` extra (scikit-learn's digits, matplotlib's plots), checked up front
+_NEEDS_EXTRA = {"demo": ("sklearn", "matplotlib"), "train-demo": ("sklearn",),
+                "experiments": ("sklearn", "matplotlib"), "report": ("matplotlib",)}
 
 
 def _add_model_args(parser: argparse.ArgumentParser, data_required: bool) -> None:
@@ -202,7 +206,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return _handler(args.command)(args)
+    try:
+        for module in _NEEDS_EXTRA.get(args.command, ()):
+            import_extra(module, f"vmeanba {args.command}")
+        return _handler(args.command)(args)
+    except MissingExtraError as error:  # say which extra to install, not a traceback
+        print(error, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

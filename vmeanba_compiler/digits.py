@@ -17,11 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .extras import import_extra
+
 DIGITS_SEED = 0
 CALIBRATION_BATCH = 64  # images per calibration batch (the impact score is a mean over batches)
 SPLIT_NAMES = ("train", "calibration", "test")
 _FRACTIONS = (0.6, 0.2, 0.2)
 _MAX_PIXEL = 16.0  # load_digits pixels are integers 0..16
+_PURPOSE = "the digits data set (vmeanba demo, train-demo, experiments)"
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class DigitsData:
 
 
 def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+    train_test_split = import_extra("sklearn.model_selection", _PURPOSE).train_test_split
 
     everything = np.arange(len(labels))
     test_share = _FRACTIONS[2]
@@ -81,7 +84,7 @@ def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
 
 def load_digits_data(seed: int = DIGITS_SEED) -> DigitsData:
     """The digits as three stratified splits (60/20/20) drawn with `seed`; same seed, same split."""
-    from sklearn.datasets import load_digits
+    load_digits = import_extra("sklearn.datasets", _PURPOSE).load_digits
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / _MAX_PIXEL).unsqueeze(1)

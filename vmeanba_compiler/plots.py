@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from .evaluation import AccuracyCurve
+from .extras import import_extra
 from .profile import Profile
 
 _DPI = 100
@@ -16,7 +17,7 @@ _COLORS = {"impact": "tab:blue", "ratio": "tab:orange", "random": "tab:gray"}
 
 
 def _pyplot():
-    import matplotlib
+    matplotlib = import_extra("matplotlib", "PNG plots (vmeanba demo, report, experiments)")
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
