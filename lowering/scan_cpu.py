@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .native_build import load_kernels
-from .scan_args import ProjectionForm, ScanShape, compute_dtype_for, validate_scan_args
+from ..scan_schema import ProjectionForm, ScanShape, compute_dtype_for, validate_scan_args
 
 _pool: Optional[ThreadPoolExecutor] = None
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .scan_args import compute_dtype_for, per_channel, validate_scan_args
+from ..scan_schema import compute_dtype_for, per_channel, validate_scan_args
 
 
 def selective_scan_reference(

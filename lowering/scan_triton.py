@@ -17,7 +17,7 @@ How the work is laid out (both kernels):
   matters for the few-channel scans VMeanba leaves behind.
 - Math in float32 (float64 for float64 inputs): every load is cast to the dtype of the
   last-state (or gradient) buffer; stores cast to the output's dtype. Arguments are read in
-  place through their strides; B and C through `scan_args.projection_strides`, one formula for
+  place through their strides; B and C through `scan_schema.projection_strides`, one formula for
   the grouped, shared and fixed forms (the C kernel's, with the state stride made explicit).
 
 Backward (the reverse pass of selective_scan_cpu.c, chunked):
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .scan_args import ProjectionForm, ScanShape, compute_dtype_for, projection_strides, validate_scan_args
+from ..scan_schema import ProjectionForm, ScanShape, compute_dtype_for, projection_strides, validate_scan_args
 from .triton_common import affine_combine, autotune_configs, chunk_states, column, launcher, softplus_slope, step_sizes
 
 # (BLOCK_D, BLOCK_T, num_warps). Every tile is 2D, [BLOCK_D, BLOCK_T] (channels x time; states

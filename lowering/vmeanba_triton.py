@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .scan_args import ProjectionForm, compute_dtype_for, projection_strides, validate_scan_args
+from ..scan_schema import ProjectionForm, compute_dtype_for, projection_strides, validate_scan_args
 from .triton_common import autotune_configs, chunk_states, column, launcher, step_sizes
 
 # (BLOCK_C channels per tile of step 1/3, BLOCK_T, num_warps).

@@ -134,7 +134,10 @@ import torch.fx
 from torch.fx import Node
 
 from .. import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
-from ..lowering.scan_args import compute_dtype_for
+from ..scan_schema import compute_dtype_for
+from .graph_utils import finish_graph
+from .graph_utils import meta_value as _val
+from .graph_utils import module_path as _module_path
 
 log = logging.getLogger("vmeanba_compiler.passes")
 
@@ -256,12 +259,6 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
-
-
-def _val(node: Any) -> Any:
-    if isinstance(node, Node):
-        return node.meta.get("example_value", node.meta.get("val"))
-    return None
 
 
 def _is_tensor_node(node: Any) -> bool:
@@ -1117,13 +1114,6 @@ class Declined:
     reason: str
 
 
-def _module_path(node: Node) -> str:
-    from .scan_sites import normalize_module_path
-
-    stack = node.meta.get("nn_module_stack") or {}
-    return normalize_module_path(list(stack.values())[-1][0]) if stack else ""
-
-
 # ---------------------------------------------------------------------------------------------
 # Matching (validation only: nothing here changes the graph)
 # ---------------------------------------------------------------------------------------------
@@ -1519,7 +1509,6 @@ def lower_associative_scan(gm: torch.fx.GraphModule, config: object = None) -> t
         return gm
     for match in matches:
         _rewrite(gm, match)
-    gm.graph.lint()
-    gm.recompile()
+    finish_graph(gm)
     log.debug("graph after lower_associative_scan:\n%s", gm.graph)
     return gm

@@ -1,5 +1,8 @@
 """The pass manager: ordered graph passes, each `(gm, config) -> gm`.
 
+A pass that changes the graph finishes it itself (graph_utils.finish_graph: lint, recompile), so
+it can also be run alone; the manager does not repeat that.
+
 Passes run on the Dynamo-level FX graph, before AOT autograd splits forward and backward, so a
 rewrite applies to training and inference alike (FEASIBILITY.md, "Into Inductor"). Two stages:
 
@@ -32,8 +35,6 @@ def _apply(gm: torch.fx.GraphModule, config: object, passes: Sequence[tuple[str,
     for name, graph_pass in passes:
         before = len(gm.graph.nodes)
         gm = graph_pass(gm, config)
-        gm.graph.lint()
-        gm.recompile()
         log.debug("pass %s: %d -> %d nodes", name, before, len(gm.graph.nodes))
     return gm
 

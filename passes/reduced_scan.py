@@ -4,7 +4,7 @@
     y_reduced = selective_scan(T(u), T(dt), T(A), B, C, ...)     one channel per group
     y         = T^-1(y_reduced), broadcast back to every channel
 
-Two choices are configurable:
+Two choices are configurable (their names and defaults: vmeanba_compiler/rewrite_modes.py):
 - dt_mode "effective" averages the step size actually used, softplus(delta + delta_bias);
   "raw" averages delta and delta_bias and applies softplus after the mean.
 - skip_mode "exact" keeps the D*u skip and the silu(z) gate per channel (cheap elementwise work,
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DT_MODES = ("effective", "raw")
-SKIP_MODES = ("exact", "mean")
+from ..rewrite_modes import DEFAULT_DT_MODE, DEFAULT_SKIP_MODE, DT_MODES, SKIP_MODES
+
+__all__ = ["DT_MODES", "SKIP_MODES", "group_mean", "reduced_selective_scan"]
 
 
 def group_mean(x: Tensor, groups: int, dim: int) -> Tensor:
@@ -51,8 +52,8 @@ def reduced_selective_scan(
     delta_softplus: bool = False,
     *,
     groups: int,
-    dt_mode: str = "effective",
-    skip_mode: str = "exact",
+    dt_mode: str = DEFAULT_DT_MODE,
+    skip_mode: str = DEFAULT_SKIP_MODE,
 ) -> tuple[Tensor, Tensor]:
     """Same signature, shapes and dtypes as `vmeanba.selective_scan`, one scan channel per group.
 

@@ -21,13 +21,13 @@ import torch
 import torch.fx
 
 from .. import ops  # noqa: F401  (defines torch.ops.vmeanba.selective_scan)
-from ..lowering.scan_args import ProjectionForm, validate_scan_args
+from ..scan_schema import ProjectionForm, validate_scan_args
+from .graph_utils import meta_value, normalize_module_path
 from .site_identity import (
     SharedGraph,
     SiteIdCollisionError,
     SiteNamer,
     current_trace_frame,
-    normalize_module_path,
     shared_graph,
     specialize_on_frame_module,
 )
@@ -84,12 +84,6 @@ def scan_arguments(node: torch.fx.Node) -> dict[str, Any]:
     return bound
 
 
-def _meta_value(arg: Any) -> Any:
-    if isinstance(arg, torch.fx.Node):
-        return arg.meta.get("example_value", arg.meta.get("val"))
-    return arg
-
-
 def reduction_groups(b_form: ProjectionForm, b_groups: int, c_form: ProjectionForm, c_groups: int, dim: int) -> int:
     """Groups whose channels share B and C rows: the lcm of the grouped projections' G (1 if none)."""
     groups = 1
@@ -139,7 +133,7 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
         if node.op != "call_function" or node.target not in SCAN_TARGETS:
             continue
         bound = scan_arguments(node)
-        values = {k: _meta_value(v) for k, v in bound.items()}
+        values = {k: meta_value(v, constants=True) for k, v in bound.items()}
         # Not strict on dtypes: inside an autocast region u and delta may differ (ops.py's
         # autocast rule reconciles them when the graph runs, and the rewrite computes in float32).
         shape = validate_scan_args(

@@ -62,23 +62,16 @@ import torch
 import torch.fx
 from torch import nn
 
+from .graph_utils import innermost_module, normalize_module_path
+
 log = logging.getLogger("vmeanba_compiler.passes")
 
-_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]\.?")
-_SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 _FRAME_LINE = re.compile(r'^\s*File "(?P<file>.+)", line (?P<line>\d+), in (?P<function>\S+)')
 _RESUME = re.compile(r"^torch_dynamo_resume_in_(?P<function>.+)_at_\d+$")
 
 
 class SiteIdCollisionError(ValueError):
     """Two different scan calls would get one site id; merging their statistics would be wrong."""
-
-
-def normalize_module_path(raw: str) -> str:
-    """"L['self'].stages[0]._modules['1'].op" -> "stages.0.1.op" (as in named_modules())."""
-    path = _ROOT.sub("", raw)
-    path = _SUBSCRIPT.sub(r".\1", path).replace("._modules.", ".")
-    return path.strip(".")
 
 
 def _join(prefix: str, rest: str) -> str:
@@ -238,9 +231,9 @@ def _module_id(stack_key: str) -> Optional[int]:
 
 
 def node_owner(node: torch.fx.Node, frame: Optional[TraceFrame]) -> Owner:
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        key, (source, _) = list(stack.items())[-1]
+    innermost = innermost_module(node)
+    if innermost is not None:
+        key, source = innermost
         module_id = _module_id(key)
         if frame is not None and module_id in frame.paths:
             return Owner(frame.paths[module_id], frame.modules[module_id], key)

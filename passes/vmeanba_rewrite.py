@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch.fx
 
+from .graph_utils import finish_graph, replace_node
 from .reduced_scan import reduced_selective_scan
 from .scan_sites import ScanSite, find_scan_sites
 from .site_identity import current_trace_frame
@@ -47,11 +48,7 @@ def plan_rewrite(gm: torch.fx.GraphModule, config) -> RewritePlan:
 def _replace(gm: torch.fx.GraphModule, site: ScanSite, config) -> None:
     node = site.node
     kwargs = {**node.kwargs, "groups": site.groups, "dt_mode": config.dt_mode, "skip_mode": config.skip_mode}
-    with gm.graph.inserting_before(node):
-        reduced = gm.graph.call_function(reduced_selective_scan, node.args, kwargs)
-    reduced.meta = dict(node.meta)
-    node.replace_all_uses_with(reduced)
-    gm.graph.erase_node(node)
+    replace_node(gm.graph, node, "call_function", reduced_selective_scan, node.args, kwargs)
 
 
 def vmeanba_rewrite(gm: torch.fx.GraphModule, config) -> torch.fx.GraphModule:
@@ -60,6 +57,8 @@ def vmeanba_rewrite(gm: torch.fx.GraphModule, config) -> torch.fx.GraphModule:
         log.debug("site %s: %s (%s)", site.site_id, "rewrite" if decision.rewrite else "keep", decision.reason)
     for site in plan.rewritten:
         _replace(gm, site, config)
+    if plan.rewritten:
+        finish_graph(gm)
     if plan.sites:
         log.info(
             "vmeanba: rewrote %d of %d scan sites: %s",

@@ -22,7 +22,7 @@ from torch._dynamo.backends.common import aot_autograd
 import vmeanba_compiler
 from vmeanba_compiler import selective_scan
 from vmeanba_compiler.lowering import scan_cpu
-from vmeanba_compiler.lowering.scan_args import compute_dtype_for
+from vmeanba_compiler.scan_schema import compute_dtype_for
 from vmeanba_compiler.lowering.scan_reference import selective_scan_reference
 from vmeanba_compiler.testing import ScanInputs, assert_scan_close, scan_inputs
 

@@ -31,7 +31,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmeanba_compiler.lowering.scan_args import compute_dtype_for
+from vmeanba_compiler.scan_schema import compute_dtype_for
 from vmeanba_compiler.testing import MODEL_TOLERANCES, ScanInputs, scan_inputs, site_groups
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

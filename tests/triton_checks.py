@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vmeanba_compiler.lowering import scan_triton, vmeanba_triton
-from vmeanba_compiler.lowering.scan_args import compute_dtype_for
+from vmeanba_compiler.scan_schema import compute_dtype_for
 from vmeanba_compiler.lowering.scan_reference import selective_scan_reference
 from vmeanba_compiler.passes.reduced_scan import reduced_selective_scan
 from vmeanba_compiler.testing import ScanInputs, assert_scan_close, vmeanba_formula

@@ -17,12 +17,15 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import VMeanbaConfig
 from .passes import canonicalize
-from .passes.reduced_scan import DT_MODES, SKIP_MODES, reduced_selective_scan
+from .passes.graph_utils import finish_graph, replace_node
+from .passes.reduced_scan import reduced_selective_scan
 from .passes.scan_sites import SiteIdCollisionError, find_scan_sites, scan_arguments
 from .passes.site_identity import SharedGraph
 from .passes.site_selection import site_signature
 from .profile import PROFILE_FORMAT_VERSION, Profile, SiteSignature, SiteStats, parameter_hash
+from .rewrite_modes import DEFAULT_DT_MODE, DEFAULT_SKIP_MODE, REWRITE_SETTINGS
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
 
 log = logging.getLogger("vmeanba_compiler.calibration")
@@ -99,14 +102,9 @@ def _instrumenting_backend(observer: _SiteObserver) -> Callable:
             observer.stats.setdefault(site.site_id, SiteStats())
             if site.shared is not None:
                 observer.shared[site.site_id] = site.shared
-            with gm.graph.inserting_before(site.node):
-                new = gm.graph.call_module(
-                    "vmeanba_observer", (site.site_id, site.groups), scan_arguments(site.node)
-                )
-            new.meta = dict(site.node.meta)
-            site.node.replace_all_uses_with(new)
-            gm.graph.erase_node(site.node)
-        gm.recompile()
+            replace_node(gm.graph, site.node, "call_module", "vmeanba_observer", (site.site_id, site.groups),
+                         scan_arguments(site.node))
+        finish_graph(gm)
         return gm.forward
 
     return backend
@@ -136,8 +134,9 @@ def calibrate(
     loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
     impact: bool = True,
     max_batches: Optional[int] = None,
-    dt_mode: str = "effective",
-    skip_mode: str = "exact",
+    dt_mode: Optional[str] = None,
+    skip_mode: Optional[str] = None,
+    config: Optional[VMeanbaConfig] = None,
     progress: bool = True,
 ) -> Profile:
     """Run `model` on `batches` and return the profile of its scan sites.
@@ -147,13 +146,16 @@ def calibrate(
         and the impact score is the change of `loss_fn(output, target)`; otherwise it is the KL
         divergence of the output logits.
     impact: measure layer impact (one extra forward per site and batch); top_k selection needs it.
-    dt_mode, skip_mode: the reduction measured (must match the one compiled later).
+    dt_mode, skip_mode: the reduction measured (must match the one compiled later; the backend
+        refuses a profile measured under other modes). Default: `config`'s, else "effective", "exact".
+    config: a `VMeanbaConfig` whose rewrite modes to measure (the one you will compile with).
     Put the model in the mode you will deploy (usually `model.eval()`) first.
     Dynamo's caches are reset first, so the instrumented trace is never served from an old one.
     """
     from tqdm.auto import tqdm
 
     _check_arguments(model, batches, loss_fn, impact, max_batches, dt_mode, skip_mode, progress)
+    dt_mode, skip_mode = _rewrite_modes(config, dt_mode, skip_mode)
     observer = _SiteObserver(dt_mode, skip_mode)
     traced = fresh_trace(model, _instrumenting_backend(observer))
     total = None if not hasattr(batches, "__len__") else len(batches)  # type: ignore[arg-type]
@@ -201,6 +203,21 @@ def calibrate(
 
 
 def _check_arguments(model: Any, batches: Any, loss_fn: Any, impact: Any, max_batches: Any, dt_mode: Any,
+def _rewrite_modes(config: Any, dt_mode: Optional[str], skip_mode: Optional[str]) -> tuple[Any, Any]:
+    """The modes to measure: the explicit arguments, else the config's, else the defaults."""
+    if config is None:
+        return (DEFAULT_DT_MODE if dt_mode is None else dt_mode,
+                DEFAULT_SKIP_MODE if skip_mode is None else skip_mode)
+    if not isinstance(config, VMeanbaConfig):
+        raise TypeError(f"calibrate: 'config' must be a vmeanba_compiler.VMeanbaConfig or None, "
+                        f"got {type(config).__name__}")
+    for name, value in (("dt_mode", dt_mode), ("skip_mode", skip_mode)):
+        if value is not None and value != getattr(config, name):
+            raise ValueError(f"calibrate: {name}={value!r} contradicts config.{name}={getattr(config, name)!r}; "
+                             "pass one of them")
+    return config.dt_mode, config.skip_mode
+
+
                      skip_mode: Any, progress: Any) -> None:
     """Refuse bad arguments before anything is traced or run; each error names the argument and
     the fix (a late failure would come after minutes of calibration, or as a confusing model error)."""
@@ -222,7 +239,8 @@ def _check_arguments(model: Any, batches: Any, loss_fn: Any, impact: Any, max_ba
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"calibrate: 'max_batches' must be an int >= 1 or None (all batches), got {max_batches!r}")
-    for name, value, choices in (("dt_mode", dt_mode, DT_MODES), ("skip_mode", skip_mode, SKIP_MODES)):
+    for name, value in (("dt_mode", dt_mode), ("skip_mode", skip_mode)):
+        choices = REWRITE_SETTINGS[name]
         if value not in choices:
             raise ValueError(f"calibrate: {name!r} must be one of {choices}, got {value!r}")
 

@@ -3,7 +3,11 @@
 Every option is validated here, once: an unknown name or a value of the wrong type is an error
 that lists what is accepted, so a typo never silently compiles the model without the intended
 setting. Selection by threshold or top-K needs a calibration profile: without one it is refused,
-never guessed. Explicitly named `sites` are the user's own choice and need no profile.
+never guessed. Explicitly named `sites` are the user's own choice and need no profile. A profile
+measured under other rewrite modes (dt_mode, skip_mode) than the configuration's is refused.
+
+The fields' metadata ("choices", "help") is what the command line builds its flags from
+(vmeanba_compiler/cli.py), so a new choice is added here once.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
-from .passes.reduced_scan import DT_MODES, SKIP_MODES
-from .profile import Profile
+from .profile import Profile, ProfileMismatchError
+from .rewrite_modes import DEFAULT_DT_MODE, DEFAULT_SKIP_MODE, DT_MODES, REWRITE_SETTINGS, SKIP_MODES, recorded_modes
 
 METRICS = ("ratio", "variance")
 
@@ -58,12 +62,19 @@ class VMeanbaConfig:
     inductor: bool = True
     inductor_config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     profile: Optional[Profile] = None
-    threshold: Optional[float] = None
-    metric: str = "ratio"
-    top_k: Optional[int] = None
+    threshold: Optional[float] = field(
+        default=None, metadata={"type": float, "help": "rewrite the sites whose metric is at most this"})
+    metric: str = field(default="ratio", metadata={
+        "choices": METRICS, "help": "profile metric of threshold: variance / mean square (scale-free) or raw "
+        "channel variance"})
+    top_k: Optional[int] = field(default=None, metadata={"type": int, "help": "rewrite the K sites of lowest impact"})
     sites: tuple[str, ...] = ()
-    dt_mode: str = "effective"
-    skip_mode: str = "exact"
+    dt_mode: str = field(default=DEFAULT_DT_MODE, metadata={
+        "choices": DT_MODES, "help": "how a reduced site averages its step size: softplus(delta + bias) "
+        "('effective') or delta and bias before the softplus ('raw'); calibration and compilation must agree"})
+    skip_mode: str = field(default=DEFAULT_SKIP_MODE, metadata={
+        "choices": SKIP_MODES, "help": "how a reduced site treats D*u and the z gate: per channel ('exact') or "
+        "averaged ('mean'); calibration and compilation must agree"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.inductor, bool):
@@ -87,6 +98,7 @@ class VMeanbaConfig:
         self._check_choice("dt_mode", self.dt_mode, DT_MODES)
         self._check_choice("skip_mode", self.skip_mode, SKIP_MODES)
         self._check_selection()
+        self._check_profile_modes()
 
     @staticmethod
     def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -123,6 +135,31 @@ class VMeanbaConfig:
                     f"vmeanba option top_k={self.top_k} but the profile has only {available} sites; "
                     f"pass top_k <= {available}"
                 )
+
+    def _check_profile_modes(self) -> None:
+        """A profile's metrics (relative error, impact) describe the reduction it was measured with;
+        compiling it under another would select sites by numbers that do not describe the rewrite."""
+        if self.profile is None:
+            return
+        differing = {name: value for name, value in recorded_modes(self.profile.settings).items()
+                     if value != getattr(self, name)}
+        if differing:
+            measured = ", ".join(f"{n}={v!r}" for n, v in differing.items())
+            configured = ", ".join(f"{n}={getattr(self, n)!r}" for n in differing)
+            raise ProfileMismatchError(
+                f"the profile was calibrated with {measured} but the vmeanba options say {configured}; its "
+                f"metrics describe the other reduction. Pass options {measured} (as calibrated), or re-run "
+                f"vmeanba_compiler.calibrate with {configured}"
+            )
+
+    def rewrite_options(self) -> dict[str, str]:
+        """The rewrite modes as options, e.g. to calibrate (`calibrate(..., config=...)`) or compile alike."""
+        return {name: getattr(self, name) for name in REWRITE_SETTINGS}
+
+    @classmethod
+    def cli_fields(cls) -> dict[str, dataclasses.Field]:
+        """The options the command line exposes as flags (those with "help" metadata), by name."""
+        return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
 
     def _require_profile(self, option: str) -> None:
         if self.profile is None:

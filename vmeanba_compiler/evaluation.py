@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .profile import Profile
 from .rankings import RANKINGS, rank_sites
+from .rewrite_modes import recorded_modes
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
 
 LabelledBatches = Iterable[tuple[Any, Tensor]]
@@ -31,7 +32,7 @@ def rewritten(model: nn.Module, sites: Sequence[str], **options: Any) -> Callabl
 
 def rewrite_modes(profile: Profile) -> dict[str, Any]:
     """The dt_mode/skip_mode a profile was measured under: evaluations must rewrite the same way."""
-    return {k: profile.settings[k] for k in ("dt_mode", "skip_mode") if k in profile.settings}
+    return recorded_modes(profile.settings)
 
 
 def correctness(fn: Callable, batches: LabelledBatches) -> Tensor:

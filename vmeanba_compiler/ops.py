@@ -19,7 +19,7 @@ from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .lowering import cuda_dispatch, scan_cpu
-from .lowering.scan_args import FLOAT_DTYPES, compute_dtype_for, validate_scan_args
+from .scan_schema import FLOAT_DTYPES, compute_dtype_for, validate_scan_args
 from .lowering.scan_reference import selective_scan_reference
 
 _GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from .lowering.scan_args import ProjectionForm
+from .scan_schema import ProjectionForm
 
 __all__ = [
     "METRIC_NAMES",

@@ -1,8 +1,10 @@
-"""Validation and canonical layout of the selective-scan arguments.
+"""The selective-scan op's argument schema: validation and canonical layout of its arguments.
 
-Every implementation (reference, CPU kernel, later Triton) accepts exactly the argument forms of
-VMEANBA.md section 1. This module is the one place that checks them, so an error always names the
-argument, the shape it had and the shape that was expected, whichever implementation is called.
+Every implementation (reference, CPU kernel, Triton) and every graph pass that reads a scan node
+accepts exactly the argument forms of VMEANBA.md section 1. This module is the one place that
+checks them, so an error always names the argument, the shape it had and the shape that was
+expected, whichever implementation is called. It is the bottom layer of the package (see
+docs/ARCHITECTURE.md): it imports nothing of the project.
 """
 
 from __future__ import annotations
