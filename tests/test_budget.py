@@ -27,19 +27,35 @@ def calibrated():
 def selections(calibrated):
     model, data, profile = calibrated
     labelled = data.calibration.batches(len(data.calibration))
-    return {b: vc.select_for_budget(model, profile, labelled, b, progress=False) for b in (0.005, 0.01, 0.03)}
+    return {b: vc.select_for_budget(model, profile, labelled, b, progress=False) for b in (0.01, 0.015, 0.03)}
 
 
-@pytest.mark.parametrize("budget", [0.005, 0.01, 0.03])
+def _held_out_drop(model, data, sites, **rewrite_options) -> float:
+    """Accuracy lost on the test split (never seen by calibration or selection) when `sites` are
+    reduced."""
+    test = data.test.batches(len(data.test))
+    return accuracy(model, test) - accuracy(rewritten(model, sites, **rewrite_options), test)
+
+
+@pytest.mark.parametrize("budget", [0.015, 0.03])
 def test_drop_on_the_held_out_test_split_stays_within_the_budget(calibrated, selections, budget):
+    """Budgets that do select a site (the lowest-impact one: 95% bound 1.02% on 360 samples), so
+    the held-out drop is measured, not 0 by construction. The negative control is the last test
+    of this file: a selection that breaks the budget is caught by the same check."""
     model, data, _ = calibrated
     selection = selections[budget]
-    test = data.test.batches(len(data.test))
-    baseline = accuracy(model, test)
-    reduced = accuracy(rewritten(model, selection.sites, **selection.rewrite_options), test) if selection.sites \
-        else baseline
-    assert baseline - reduced <= budget, (selection.sites, baseline, reduced)
+    assert selection.sites, f"the {budget:.1%} budget should select a site"
+    drop = _held_out_drop(model, data, selection.sites, **selection.rewrite_options)
+    assert drop <= budget, (selection.sites, drop)
     assert selection.drop <= selection.drop_bound <= budget
+
+
+def test_a_1_percent_budget_is_not_certified_on_360_samples(selections):
+    """README: "360 samples cannot certify a 1% budget for a set that changes even 4 predictions";
+    here the lowest-impact site alone has a 95% bound just over 1%."""
+    tight = selections[0.01]
+    assert tight.sites == () and tight.drop == 0.0
+    assert len(tight.steps) == 1 and not tight.steps[0].accepted and tight.steps[0].drop_bound > 0.01
 
 
 def test_a_generous_budget_selects_sites_and_the_selection_is_a_prefix_of_the_impact_ranking(calibrated, selections):
@@ -57,7 +73,7 @@ def test_a_generous_budget_selects_sites_and_the_selection_is_a_prefix_of_the_im
 
 def test_budgets_nest_and_selection_is_reproducible(calibrated, selections):
     model, data, profile = calibrated
-    tight, middle, loose = (selections[b].sites for b in (0.005, 0.01, 0.03))
+    tight, middle, loose = (selections[b].sites for b in (0.01, 0.015, 0.03))
     assert set(tight) <= set(middle) <= set(loose)
     again = vc.select_for_budget(model, profile, data.calibration.batches(len(data.calibration)), 0.03,
                                  progress=False)
@@ -120,6 +136,6 @@ def test_judging_by_the_observed_drop_alone_breaks_the_3_percent_budget_on_held_
     model, data, profile = calibrated
     naive = vc.select_for_budget(model, profile, data.calibration.batches(360), 0.03, confidence=0.5,
                                  progress=False)
-    test = data.test.batches(len(data.test))
-    drop = accuracy(model, test) - accuracy(rewritten(model, naive.sites), test)
+    assert list(naive.sites) == rank_sites(profile, "impact")[:2]
+    drop = _held_out_drop(model, data, naive.sites)
     assert naive.drop <= 0.03 < drop
