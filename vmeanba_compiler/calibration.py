@@ -202,7 +202,6 @@ def calibrate(
     )
 
 
-def _check_arguments(model: Any, batches: Any, loss_fn: Any, impact: Any, max_batches: Any, dt_mode: Any,
 def _rewrite_modes(config: Any, dt_mode: Optional[str], skip_mode: Optional[str]) -> tuple[Any, Any]:
     """The modes to measure: the explicit arguments, else the config's, else the defaults."""
     if config is None:
@@ -218,6 +217,7 @@ def _rewrite_modes(config: Any, dt_mode: Optional[str], skip_mode: Optional[str]
     return config.dt_mode, config.skip_mode
 
 
+def _check_arguments(model: Any, batches: Any, loss_fn: Any, impact: Any, max_batches: Any, dt_mode: Any,
                      skip_mode: Any, progress: Any) -> None:
     """Refuse bad arguments before anything is traced or run; each error names the argument and
     the fix (a late failure would come after minutes of calibration, or as a confusing model error)."""
