@@ -154,8 +154,8 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    _check_arguments(model, batches, loss_fn, impact, max_batches, dt_mode, skip_mode, progress)
     dt_mode, skip_mode = _rewrite_modes(config, dt_mode, skip_mode)
+    _check_arguments(model, batches, loss_fn, impact, max_batches, dt_mode, skip_mode, progress)
     observer = _SiteObserver(dt_mode, skip_mode)
     traced = fresh_trace(model, _instrumenting_backend(observer))
     total = None if not hasattr(batches, "__len__") else len(batches)  # type: ignore[arg-type]
