@@ -108,3 +108,55 @@ def test_bad_option_surfaces_through_torch_compile():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(Exception, match="unknown vmeanba option"):
         torch.compile(model, backend="vmeanba", options={"bogus": 1})(torch.randn(1, 2))
+
+
+def _one_scan_args(seed: int = 0, batch: int = 2, dim: int = 8, state: int = 4, length: int = 12, groups: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    return (randn(batch, dim, length), randn(batch, dim, length), -torch.rand(dim, state, generator=gen) - 0.5,
+            randn(batch, groups, state, length), randn(batch, groups, state, length), randn(dim),
+            randn(batch, dim, length), 0.5 * randn(dim))
+
+
+def test_profile_measured_under_other_rewrite_modes_is_refused_naming_both_and_the_fix():
+    import vmeanba_compiler as vc
+    from compile_helpers import OneScan
+
+    args = _one_scan_args()
+    profile = vc.calibrate(OneScan(True), [args], impact=False, dt_mode="raw", progress=False)
+    assert profile.settings["dt_mode"] == "raw"
+    compiled = torch.compile(OneScan(True), backend="vmeanba",
+                             options={"profile": profile, "threshold": 1e9, "inductor": False})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        compiled(*args)
+    message = str(info.value)
+    for part in ("calibrated with dt_mode='raw'", "options say dt_mode='effective'", "Pass options dt_mode='raw'",
+                 "re-run vmeanba_compiler.calibrate with dt_mode='effective'"):
+        assert part in message, message
+    assert "skip_mode" not in message  # only the setting that differs is named
+    # the config refuses it directly too, and explain (which reads the same config)
+    with pytest.raises(vc.ProfileMismatchError, match="calibrated with dt_mode='raw'"):
+        VMeanbaConfig.from_options({"profile": profile, "threshold": 1e9})
+    with pytest.raises(vc.ProfileMismatchError, match="calibrated with dt_mode='raw'"):
+        vc.explain(OneScan(True), args, profile=profile, threshold=1e9)
+
+
+def test_profile_measured_under_the_configured_rewrite_modes_compiles_and_rewrites():
+    """Negative control of the refusal: the same profile with matching options rewrites its site."""
+    import vmeanba_compiler as vc
+    from compile_helpers import OneScan
+    from vmeanba_compiler.passes.reduced_scan import reduced_selective_scan
+
+    args = _one_scan_args()
+    profile = vc.calibrate(OneScan(True), [args], impact=False, dt_mode="raw", progress=False)
+    compiled = torch.compile(OneScan(True), backend="vmeanba",
+                             options={"profile": profile, "threshold": 1e9, "dt_mode": "raw", "inductor": False})
+    with torch.no_grad():
+        actual = compiled(*args)
+        expected = reduced_selective_scan(*args, True, groups=2, dt_mode="raw")[0]
+        effective = reduced_selective_scan(*args, True, groups=2, dt_mode="effective")[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(actual, effective, rtol=1e-4, atol=1e-4)  # the modes are told apart by the output

@@ -8,6 +8,7 @@ Regenerate the doc after changing a row or a message: VMEANBA_UPDATE_DOCS=1 pyth
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -212,6 +213,10 @@ CASES = [
     Case(CAL, "impact not a bool", _calibrate(impact="no"), TypeError, r"calibrate: 'impact' must be True or False"),
     Case(CAL, "unknown dt_mode", _calibrate(dt_mode="mean"), ValueError,
          r"calibrate: 'dt_mode' must be one of \('effective', 'raw'\), got 'mean'"),
+    Case(CAL, "dt_mode contradicting config", _calibrate(dt_mode="raw", config=VMeanbaConfig()), ValueError,
+         r"calibrate: dt_mode='raw' contradicts config\.dt_mode='effective'; pass one of them"),
+    Case(CAL, "config of the wrong type", _calibrate(config={"dt_mode": "raw"}), TypeError,
+         r"calibrate: 'config' must be a vmeanba_compiler\.VMeanbaConfig or None, got dict"),
     Case(CAL, "a model without scan sites",
          lambda d: vc.calibrate(torch.nn.Linear(3, 3), [torch.randn(2, 3)], progress=False), vc.CalibrationError,
          r"no selective-scan sites were found in the model"),
@@ -258,6 +263,12 @@ CASES = [
          r"vmeanba option 'sites' must be a list of site ids"),
     Case(OPT, "unknown metric", _options(metric="kl"), ValueError,
          r"vmeanba option 'metric' must be one of \('ratio', 'variance'\), got 'kl'"),
+    Case(OPT, "profile measured under another dt_mode",
+         _options(profile=dataclasses.replace(_profile(), settings={"dt_mode": "raw", "skip_mode": "exact"}),
+                  threshold=0.5), vc.ProfileMismatchError,
+         r"the profile was calibrated with dt_mode='raw' but the vmeanba options say dt_mode='effective'; .*"
+         r"Pass options dt_mode='raw' \(as calibrated\), or re-run vmeanba_compiler\.calibrate with "
+         r"dt_mode='effective'"),
     Case(OPT, "profile of the wrong type", _options(profile={"format": "vmeanba-profile"}), TypeError,
          r"vmeanba option 'profile' must be a vmeanba_compiler\.Profile or the path of a saved profile, got dict"),
     Case(OPT, "profile path that does not exist", _options(profile="missing.json", threshold=0.1), FileNotFoundError,

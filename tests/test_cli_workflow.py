@@ -100,3 +100,57 @@ def test_cli_errors_say_what_to_pass(user_module, tmp_path):
         main(["bench", "--model", f"{user_module}:tiny_model", "--input-shape", "2,1,8,8"])
     with pytest.raises(SystemExit, match="--profile"):
         main(["bench", "--model", f"{user_module}:tiny_model", "--input-shape", "2,1,8,8", "--top-k", "1"])
+
+
+def _subcommand(name: str):
+    from vmeanba_compiler.cli import _parser
+
+    (subparsers,) = [a for a in _parser()._actions if a.dest == "command"]
+    return subparsers.choices[name]
+
+
+@pytest.mark.parametrize("command, names", [("calibrate", ["dt_mode", "skip_mode"]),
+                                            ("bench", ["dt_mode", "skip_mode", "metric", "top_k", "threshold"])])
+def test_config_flags_come_from_vmeanba_config(command, names):
+    """Choices, types and defaults of the flags are the config's, so the two cannot drift apart."""
+    from vmeanba_compiler.config import VMeanbaConfig
+
+    fields = VMeanbaConfig.cli_fields()
+    actions = {a.dest: a for a in _subcommand(command)._actions}
+    for name in names:
+        action, field = actions[name], fields[name]
+        assert action.option_strings == [f"--{name.replace('_', '-')}"]
+        assert action.choices == field.metadata.get("choices")
+        assert action.type is field.metadata.get("type", str)
+        # bench's modes default to the profile's (None); calibrate's to the config's
+        assert action.default == (None if command == "bench" and name.endswith("_mode") else field.default)
+    assert tuple(actions["dt_mode"].choices) == ("effective", "raw")  # today's choices, read through the config
+
+
+def _bench_args(profile_path, **flags):
+    import argparse
+
+    values = {"sites": None, "top_k": None, "threshold": None, "max_accuracy_drop": None, "metric": "ratio",
+              "profile": str(profile_path), "dt_mode": None, "skip_mode": None, "data": None, "labelled": False}
+    return argparse.Namespace(**{**values, **flags})
+
+
+def test_bench_takes_the_profiles_rewrite_modes_and_refuses_others(tmp_path):
+    import torch
+
+    from vmeanba_compiler.commands import _bench_options
+    from vmeanba_compiler.profile import SiteSignature, SiteStats
+
+    sig = SiteSignature(dim=8, state=4, groups=2, b_form="grouped", c_form="grouped", has_D=True, has_z=True)
+    stats = SiteStats()
+    stats.impact.update(torch.tensor([0.1]))
+    path = Profile({"scan:0": sig}, "ab" * 32, {"scan:0": stats},
+                   settings={"dt_mode": "raw", "skip_mode": "exact"}).save(tmp_path / "p.json")
+    options = _bench_options(_bench_args(path, top_k=1), model=None)
+    assert (options["dt_mode"], options["skip_mode"], options["top_k"]) == ("raw", "exact", 1)
+    with pytest.raises(SystemExit, match="calibrated with dt_mode='raw' but the vmeanba options say "
+                                         "dt_mode='effective'"):
+        _bench_options(_bench_args(path, top_k=1, dt_mode="effective"), model=None)
+    # named sites need no profile: an explicit mode is passed through as it is
+    assert _bench_options(_bench_args(path, sites="scan:0", dt_mode="raw"), model=None) == {
+        "dt_mode": "raw", "sites": ["scan:0"]}

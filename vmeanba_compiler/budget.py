@@ -36,6 +36,7 @@ from typing import Any, Iterable, Optional
 
 from torch import Tensor, nn
 
+from .config import VMeanbaConfig
 from .evaluation import correctness, rewrite_modes, rewritten
 from .profile import Profile, parameter_hash
 from .rankings import rank_sites
@@ -130,8 +131,9 @@ def select_for_budget(
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
     profile.check_compatible(profile.signatures, parameter_hash(model))
+    # every set is evaluated (and later compiled) with the rewrite modes the profile was measured under
+    modes = VMeanbaConfig(profile=profile, **rewrite_modes(profile)).rewrite_options()
     batches = list(labelled_batches)
-    modes = rewrite_modes(profile)
     order = rank_sites(profile, ranking)
     z = NormalDist().inv_cdf(confidence)
 

@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .config import VMeanbaConfig
 from .demo import DEFAULT_BUDGET
 from .extras import MissingExtraError, import_extra
 from .training import TrainingSettings
@@ -35,6 +36,23 @@ def _add_model_args(parser: argparse.ArgumentParser, data_required: bool) -> Non
     parser.add_argument("--data", metavar="MODULE:ATTR", required=data_required, help=_DATA_HELP)
     parser.add_argument("--labelled", action="store_true",
                         help="batches are (inputs, labels) pairs, labels = class ids")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str], *,
+                        unset_modes: bool = False) -> None:
+    """Flags for `VMeanbaConfig` fields: type, choices, default and help come from the config's field
+    metadata, so the command line offers exactly what the backend accepts.
+
+    unset_modes: the rewrite modes default to None (follow the profile's recorded modes, else the
+    config's defaults) instead of the config's defaults."""
+    fields = VMeanbaConfig.cli_fields()
+    for name in names:
+        field, meta = fields[name], fields[name].metadata
+        default, text = field.default, meta["help"]
+        if unset_modes and name in VMeanbaConfig().rewrite_options():
+            default, text = None, f"{text}. Unset: as the profile was calibrated, else {field.default!r}"
+        parser.add_argument(f"--{name.replace('_', '-')}", type=meta.get("type", str), choices=meta.get("choices"),
+                            default=default, help=text.replace("%", "%%"))
 
 
 def _add_quiet(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +122,7 @@ def _user_model_commands(sub) -> None:
     cal.add_argument("--impact", choices=("kl", "loss", "none"), default="kl",
                      help="impact score: KL of outputs, cross-entropy change (needs --labelled), or skip it")
     cal.add_argument("--max-batches", type=int, help="use at most this many batches")
-    cal.add_argument("--dt-mode", choices=("effective", "raw"), default="effective",
-                     help="how a reduced site averages its step size (must match compilation)")
-    cal.add_argument("--skip-mode", choices=("exact", "mean"), default="exact",
-                     help="how a reduced site treats D*u and the z gate (must match compilation)")
+    _add_config_options(cal, ("dt_mode", "skip_mode"))
     cal.add_argument("--out", default="profile.json", help="where to write the profile")
     _add_quiet(cal)
 
@@ -138,9 +153,8 @@ def _user_model_commands(sub) -> None:
     bench.add_argument("--input-shape", help="time random inputs of this shape instead of --data, e.g. 64,1,8,8")
     bench.add_argument("--profile", metavar="PROFILE", help="a profile JSON for --top-k/--threshold/--max-accuracy-drop")
     bench.add_argument("--sites", help="comma-separated site ids, e.g. stages.0.0.op:0,stages.1.0.op:0")
-    bench.add_argument("--top-k", type=int, help="reduce the K sites of lowest impact")
-    bench.add_argument("--threshold", type=float, help="reduce the sites whose --metric is at most this")
-    bench.add_argument("--metric", choices=("ratio", "variance"), default="ratio", help="metric of --threshold")
+    _add_config_options(bench, ("top_k", "threshold", "metric"))
+    _add_config_options(bench, ("dt_mode", "skip_mode"), unset_modes=True)
     bench.add_argument("--max-accuracy-drop", type=float,
                        help="reduce the sites select_for_budget picks for this budget (a fraction)")
     bench.add_argument("--confidence", type=float, default=0.95, help="confidence of --max-accuracy-drop's bound")

@@ -13,11 +13,13 @@ from .bench.model import bench_model
 from .bench.timing import write_json
 from .budget import select_for_budget
 from .calibration import calibrate
+from .config import VMeanbaConfig
 from .evaluation import accuracy_vs_k
 from .loading import load_batches, load_model
 from .plots import plot_accuracy_vs_k, plot_site_metrics
-from .profile import Profile
+from .profile import Profile, ProfileMismatchError
 from .reporting import curve_table, format_table, site_table
+from .rewrite_modes import recorded_modes
 
 
 def _check_labelled(batches: list[Any], spec: str) -> None:
@@ -38,7 +40,8 @@ def calibrate_main(args) -> int:
     if args.labelled and loss_fn is None:
         batches = [inputs for inputs, _ in batches]
     profile = calibrate(model, batches, loss_fn=loss_fn, impact=args.impact != "none",
-                        max_batches=args.max_batches, dt_mode=args.dt_mode, skip_mode=args.skip_mode,
+                        max_batches=args.max_batches, config=VMeanbaConfig(dt_mode=args.dt_mode,
+                                                                           skip_mode=args.skip_mode),
                         progress=not args.quiet)
     path = profile.save(args.out)
     print(site_table(profile))
@@ -84,15 +87,22 @@ def _bench_options(args, model) -> dict[str, Any]:
     if len(chosen) != 1:
         raise SystemExit(f"choose the sites with exactly one of --sites, --top-k, --threshold, --max-accuracy-drop "
                          f"(got {', '.join(chosen) or 'none'})")
+    explicit = {name: getattr(args, name) for name in VMeanbaConfig().rewrite_options()
+                if getattr(args, name) is not None}
     if args.sites is not None:
-        return {"sites": [s for s in args.sites.split(",") if s]}
+        return {**explicit, "sites": [s for s in args.sites.split(",") if s]}
     if args.profile is None:
         raise SystemExit(f"{chosen[0]} selects from calibration data: pass --profile PROFILE.json")
     profile = Profile.load(args.profile)
+    modes = {**recorded_modes(profile.settings), **explicit}
+    try:  # refuse modes other than the profile's before any work
+        VMeanbaConfig(profile=profile, **modes)
+    except ProfileMismatchError as error:
+        raise SystemExit(f"vmeanba bench: {error}") from None
     if args.top_k is not None:
-        return {"profile": profile, "top_k": args.top_k}
+        return {"profile": profile, "top_k": args.top_k, **modes}
     if args.threshold is not None:
-        return {"profile": profile, "threshold": args.threshold, "metric": args.metric}
+        return {"profile": profile, "threshold": args.threshold, "metric": args.metric, **modes}
     if args.data is None or not args.labelled:
         raise SystemExit("--max-accuracy-drop measures accuracy: pass --labelled --data of (inputs, labels) pairs")
     batches = load_batches(args.data)

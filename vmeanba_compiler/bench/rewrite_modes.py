@@ -19,7 +19,7 @@ import torch
 
 from ..calibration import calibrate
 from ..models import build_vmamba
-from ..passes.reduced_scan import DT_MODES, SKIP_MODES
+from ..rewrite_modes import DT_MODES, SKIP_MODES
 from ..tracing import fresh_trace
 from .timing import machine_info, write_json
 
