@@ -11,6 +11,14 @@
  * B and C are read through strides: element (batch b, channel c, time t, state n) lives at
  * P[b*sb + (c / cpg)*sg + t*st + n], which covers grouped, shared and fixed projections.
  */
+/* The build keeps IEEE NaN and inf (-fno-finite-math-only on top of -ffast-math, see
+ * native_build.py). GCC then no longer defines __FAST_MATH__, and glibc only declares its
+ * vectorised exp/log1p (libmvec) under that macro, so the loops below would call the scalar
+ * functions one element at a time. libmvec's variants treat NaN and inf as the scalar functions
+ * do (special lanes take the scalar path), so ask glibc for their declarations anyway. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__FAST_MATH__)
+#define __FAST_MATH__ 1
+#endif
 #include <tgmath.h> /* exp, log1p resolve to the float or double variant of REAL */
 #include <stdint.h>
 #include <string.h>
@@ -27,7 +35,8 @@ static inline void step_sizes(const real *restrict delta, real bias, int softplu
     if (!softplus) return;
     for (int64_t t = 0; t < L; t++) {
         const real x = dts[t];
-        const real smooth = log1p(exp(fmin(x, (real)SOFTPLUS_THRESHOLD)));
+        /* not fmin: fmin(NaN, 20) is 20, and softplus(NaN) must stay NaN */
+        const real smooth = log1p(exp(x > SOFTPLUS_THRESHOLD ? (real)SOFTPLUS_THRESHOLD : x));
         dts[t] = x > SOFTPLUS_THRESHOLD ? x : smooth;
     }
 }
