@@ -1,6 +1,6 @@
 """The plain sequential selective scan: the oracle every other implementation is tested against.
 
-It is written to be read next to VMEANBA.md section 1, one time step at a time, and is slow on
+It is written to be read next to docs/DESIGN.md section 1, one time step at a time, and is slow on
 purpose (a Python loop over L). Math runs in float32, or float64 when `u` is float64.
 """
 

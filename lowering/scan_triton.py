@@ -1,4 +1,4 @@
-"""Selective scan (VMEANBA.md section 1) as Triton kernels: forward and backward, every argument form.
+"""Selective scan (docs/DESIGN.md section 1) as Triton kernels: forward and backward, every argument form.
 
 `forward` and `backward` take and return exactly what `scan_cpu.forward` / `scan_cpu.backward`
 do; `vmeanba_compiler.ops` routes CUDA tensors here (see `cuda_dispatch.py`).

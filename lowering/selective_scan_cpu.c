@@ -2,7 +2,7 @@
  * Selective scan (Mamba S6) for the CPU: one channel at a time, the N-wide state kept in a small
  * array so the compiler vectorises the state update, the time loop sequential. It never
  * materialises exp(dt*A) or dt*B*u over L, which is what makes it fast compared with torch-level
- * formulations (see FEASIBILITY.md).
+ * formulations (README, "Benchmarks").
  *
  * Compiled twice by native_build.py: once with REAL=float and once with REAL=double. Callers
  * split channels [c_begin, c_end) across threads; nothing here is shared between threads except
@@ -114,7 +114,7 @@ void scan_forward(
  * decay a_t = exp(dt_t * A) in decay (both L x N scratch); the reverse sweep then carries
  * gh = dLoss/dh_t:
  *   gh_t = gy_t * C_t + a_{t+1} * gh_{t+1},   b_t = dt_t * B_t * u_t
- * from which dA, dB, dC, du, d(dt) follow (VMEANBA.md section 1 recurrence, differentiated).
+ * from which dA, dB, dC, du, d(dt) follow (docs/DESIGN.md section 1 recurrence, differentiated).
  * gB, gC, gA, gD, gbias accumulate (+=): several rows add into the same entries.
  */
 static inline __attribute__((always_inline)) void backward_row(

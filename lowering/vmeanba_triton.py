@@ -1,4 +1,4 @@
-"""A VMeanba-reduced scan site as ONE Triton kernel (VMEANBA.md section 2, fused).
+"""A VMeanba-reduced scan site as ONE Triton kernel (docs/DESIGN.md section 2, fused).
 
 `fused_reduced_scan` returns what `passes.reduced_scan.reduced_selective_scan(...,
 dt_mode="effective", skip_mode="exact")` returns, without its separate passes: that function

@@ -4,7 +4,7 @@ Model code can write the Mamba recurrence h_t = exp(dt_t*A) * h_{t-1} + dt_t*B_t
 scan with `torch._higher_order_ops.associative_scan.associative_scan` (Hugging Face transformers'
 `mamba_selective_scan(..., use_associative_scan=True)` does). Later passes (`scan_sites.py`, the
 VMeanba rewrite) only see `torch.ops.vmeanba.selective_scan` nodes, so this pass replaces such a
-scan, its prologue and its C contraction by one call of the op producing the same y (VMEANBA.md
+scan, its prologue and its C contraction by one call of the op producing the same y (docs/DESIGN.md
 section 1) and, where h's last time step is read, the same last state; it rewires their users.
 
 API: `lower_associative_scan(gm, config=None) -> gm` (the pass; `config` is unused) and

@@ -4,7 +4,7 @@ A pass that changes the graph finishes it itself (graph_utils.finish_graph: lint
 it can also be run alone; the manager does not repeat that.
 
 Passes run on the Dynamo-level FX graph, before AOT autograd splits forward and backward, so a
-rewrite applies to training and inference alike (FEASIBILITY.md, "Into Inductor"). Two stages:
+rewrite applies to training and inference alike. Two stages:
 
 1. canonicalisation (`CANONICALIZE`): scans written in other forms become
    `vmeanba.selective_scan` nodes (lower_associative_scan.py). Every consumer of site ids (the

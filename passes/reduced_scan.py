@@ -1,4 +1,4 @@
-"""What a rewritten site computes: VMEANBA.md section 2, mean -> reduced scan -> expand.
+"""What a rewritten site computes: docs/DESIGN.md section 2, mean -> reduced scan -> expand.
 
     T(x)      = mean of x over the channels of each group        (batch, G*d, L) -> (batch, G, L)
     y_reduced = selective_scan(T(u), T(dt), T(A), B, C, ...)     one channel per group

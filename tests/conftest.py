@@ -22,7 +22,7 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 
 
 def _warm_up_elementwise_math() -> None:
-    """FEASIBILITY.md "Numerical trap": on torch 2.13.0+cpu with 2 threads, the first exp (also
+    """A numerical trap (seen in development): on torch 2.13.0+cpu with 2 threads, the first exp (also
     sin, tanh) of a fresh process was seen to return less precise values on one thread's half of
     the tensor. Call each once, on tensors large enough to be split over threads, before any test
     computes a reference."""

@@ -1,4 +1,4 @@
-"""The calibration profile's data model (VMEANBA.md section 3): stable statistics that merge
+"""The calibration profile's data model (docs/DESIGN.md section 3): stable statistics that merge
 exactly, a versioned file format whose errors say what to do, and model-compatibility checks.
 
 Variance oracle: exact rational arithmetic (fractions.Fraction) on the float64 inputs, so the

@@ -1,4 +1,4 @@
-"""The `vmeanba::selective_scan` op and its fast CPU kernel against the reference (VMEANBA.md s. 1).
+"""The `vmeanba::selective_scan` op and its fast CPU kernel against the reference (docs/DESIGN.md s. 1).
 
 The oracle is `selective_scan_reference` run in float64 on the same input values upcast, so it
 does not share the float32 rounding of the implementation under test. Tolerances come from

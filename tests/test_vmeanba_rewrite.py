@@ -1,4 +1,4 @@
-"""The VMeanba rewrite (VMEANBA.md section 2): formulas, invariants, and the pass on graphs."""
+"""The VMeanba rewrite (docs/DESIGN.md section 2): formulas, invariants, and the pass on graphs."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def assert_backward_matches_reference(x: ScanInputs, grad_seed: int, with_last_s
 
 
 def assert_fused_matches_reduced_site(x: ScanInputs, groups: int, device: str) -> None:
-    """y against the independent float64 evaluation of VMEANBA.md section 2, and the last state
+    """y against the independent float64 evaluation of docs/DESIGN.md section 2, and the last state
     against what `reduced_selective_scan` (effective dt, exact skip) returns in float64."""
     with nan_filled_buffers():
         y, last_state = vmeanba_triton.fused_reduced_scan(*on_device(x, device).args(), groups)

@@ -1,4 +1,4 @@
-"""`calibrate(model, batches)`: measure every scan site on sample inputs (VMEANBA.md section 3).
+"""`calibrate(model, batches)`: measure every scan site on sample inputs (docs/DESIGN.md section 3).
 
 Three phases, as in torchao's pt2e flow: Dynamo traces the model and every scan node is replaced
 by an observer that runs the full scan and records the site's statistics; the user's batches run

@@ -1,6 +1,6 @@
 """Calibration on torch.distributed: every rank measures its shard, the statistics merge exactly.
 
-A profile's statistics are mergeable states (VMEANBA.md section 3): Welford count/mean/M2 combined
+A profile's statistics are mergeable states (docs/DESIGN.md section 3): Welford count/mean/M2 combined
 with Chan's formula, plus plain sums, all in float64 (`Profile.merge`). So calibrating N shards
 and merging equals calibrating all the data in one process, up to float64 rounding. Every rank
 gathers every rank's profile and merges them in rank order, so all ranks hold the bit-identical

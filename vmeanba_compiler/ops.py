@@ -184,7 +184,7 @@ def selective_scan(
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Selective scan (Mamba S6), a drop-in for `mamba_ssm`'s `selective_scan_fn`.
 
-    Shapes (VMEANBA.md section 1): u, delta, z (batch, dim, L); A (dim, N); B and C grouped
+    Shapes (docs/DESIGN.md section 1): u, delta, z (batch, dim, L); A (dim, N); B and C grouped
     (batch, G, N, L), shared (batch, N, L) or fixed (dim, N); D and delta_bias (dim,).
     Returns y (batch, dim, L) in u's dtype, and the last state (batch, dim, N, float32) when
     `return_last_state` is true. Math is float32 (float64 for float64 inputs).

@@ -1,6 +1,6 @@
 """The calibration profile: per-site statistics that decide which scans VMeanba rewrites.
 
-Calibration (VMEANBA.md section 3) runs the model on sample data and fills one `SiteStats` per
+Calibration (docs/DESIGN.md section 3) runs the model on sample data and fills one `SiteStats` per
 scan site; selection later reads metrics from it, and the backend checks that a profile belongs
 to the model it compiles. This module is only the data model: accumulating stably, merging
 exactly (batches, distributed ranks), and saving/loading a versioned JSON file whose errors say
@@ -176,7 +176,7 @@ class SiteSignature:
 
 @dataclass
 class SiteStats:
-    """Calibration statistics of one scan site (VMEANBA.md section 3).
+    """Calibration statistics of one scan site (docs/DESIGN.md section 3).
 
     channel_variance: per (batch, group, position) variance of the output across the group's
         channels; its mean is the site's variance.

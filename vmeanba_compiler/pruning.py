@@ -1,4 +1,4 @@
-"""Global unstructured magnitude pruning, the paper's companion compression (VMEANBA.md section 4).
+"""Global unstructured magnitude pruning, the paper's companion compression (docs/DESIGN.md section 4).
 
 The smallest-magnitude weights of all nn.Linear and nn.Conv2d layers together (one global L1
 ranking, `torch.nn.utils.prune.global_unstructured`) are set to zero, then the pruning is made

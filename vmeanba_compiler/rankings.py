@@ -1,6 +1,6 @@
 """Orders in which sites are offered for reduction: by impact, by variance ratio, or at random.
 
-"impact" (VMEANBA.md section 3's layer-impact score, lowest first) and "ratio" (channel
+"impact" (docs/DESIGN.md section 3's layer-impact score, lowest first) and "ratio" (channel
 variance / mean square, lowest first: the paper's observation taken literally) come from a
 calibration profile; "random" is the control that tells whether either carries information.
 """

@@ -1,7 +1,7 @@
 """The selective-scan op's argument schema: validation and canonical layout of its arguments.
 
 Every implementation (reference, CPU kernel, Triton) and every graph pass that reads a scan node
-accepts exactly the argument forms of VMEANBA.md section 1. This module is the one place that
+accepts exactly the argument forms of docs/DESIGN.md section 1. This module is the one place that
 checks them, so an error always names the argument, the shape it had and the shape that was
 expected, whichever implementation is called. It is the bottom layer of the package (see
 docs/ARCHITECTURE.md): it imports nothing of the project.
@@ -19,7 +19,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ProjectionForm(enum.Enum):
-    """How B or C is laid out; see VMEANBA.md section 1."""
+    """How B or C is laid out; see docs/DESIGN.md section 1."""
 
     GROUPED = "grouped"  # (batch, G, N, L): group g serves channels g*dim/G ... (g+1)*dim/G - 1
     SHARED = "shared"  # (batch, N, L): one group for all channels
@@ -87,7 +87,7 @@ def validate_scan_args(
     *,
     strict_dtypes: bool = True,
 ) -> ScanShape:
-    """Check every argument against VMEANBA.md section 1 and return the call's sizes.
+    """Check every argument against docs/DESIGN.md section 1 and return the call's sizes.
 
     Raises ValueError (shape), TypeError (dtype) or RuntimeError (device) naming the argument.
     strict_dtypes=False accepts a `delta` whose dtype differs from `u`'s: graph passes read calls

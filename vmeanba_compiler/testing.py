@@ -6,10 +6,10 @@ project's own tests do:
 - `TOLERANCES` and `assert_scan_close`: the one per-dtype tolerance table and the one closeness
   check (STYLE.md items 6 and 8). A failure is always an AssertionError that says how far off the
   result is and where; it is never turned into a warning.
-- `scan_inputs`: a hypothesis strategy for selective-scan arguments in every form VMEANBA.md
+- `scan_inputs`: a hypothesis strategy for selective-scan arguments in every form docs/DESIGN.md
   section 1 allows. hypothesis is imported only when the strategy is built, so the closeness
   helpers work without it. `small_vmamba_models` draws small SS2D-style models.
-- `vmeanba_formula`: an independent evaluation of VMEANBA.md section 2 (explicit loop over
+- `vmeanba_formula`: an independent evaluation of docs/DESIGN.md section 2 (explicit loop over
   groups, the plain reference scan), and `assert_rewrite_matches_formulas` comparing what the
   rewrite inserts against it.
 - `assert_backend_matches_eager`: a model compiled with `backend="vmeanba"` against eager
@@ -129,7 +129,7 @@ def assert_scan_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScanInputs:
-    """One call's arguments to the selective scan (VMEANBA.md section 1).
+    """One call's arguments to the selective scan (docs/DESIGN.md section 1).
 
     `args()` gives them positionally in the op's order (`torch.ops.vmeanba.selective_scan(*args)`,
     the reference, `scan_cpu.forward`); `kwargs()` by name for `vmeanba_compiler.selective_scan`.
@@ -210,7 +210,7 @@ def scan_inputs(
     dtypes: Sequence[torch.dtype] = _DEFAULT_DTYPES,
     forms: Sequence[str] = _FORMS,
 ):
-    """A hypothesis strategy of `ScanInputs` covering the argument forms of VMEANBA.md section 1.
+    """A hypothesis strategy of `ScanInputs` covering the argument forms of docs/DESIGN.md section 1.
 
     Drawn independently: batch, dim = groups * channels_per_group, the form of B and of C (each
     with its own group count, a divisor of dim, when grouped), N, L, dtype, and whether D, z and
@@ -286,7 +286,7 @@ def _group_projection(proj: Tensor, g: int, groups: int, channels: slice) -> Ten
 def vmeanba_formula(
     inputs: ScanInputs, groups: int, dt_mode: str = "effective", skip_mode: str = "exact"
 ) -> Tensor:
-    """y of a VMeanba-reduced site, evaluated straight from VMEANBA.md section 2 in float64.
+    """y of a VMeanba-reduced site, evaluated straight from docs/DESIGN.md section 2 in float64.
 
     One group at a time: average u, dt (the effective step, or raw delta and bias), A and fixed
     B/C rows over the group's channels, run the plain sequential reference scan on that single

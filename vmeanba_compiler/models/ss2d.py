@@ -3,7 +3,7 @@
 An image is read as four 1D sequences (row-major, column-major, and both reversed), so that
 every pixel sees context from all four directions. The four routes are stacked on the channel
 axis and scanned by ONE `selective_scan` call (K=4 groups of d_inner channels, grouped B/C),
-which is exactly the call site the VMeanba pass rewrites (VMEANBA.md section 1).
+which is exactly the call site the VMeanba pass rewrites (docs/DESIGN.md section 1).
 
 VMamba's lighter variants read fewer routes: K=2 (row-major and its reverse, "bidirectional")
 or K=1 (row-major only); `SS2D(routes=...)` selects them. The default is the published K=4.
