@@ -159,7 +159,7 @@ def _compile(images: torch.Tensor = IMAGES, **kwargs: Any) -> Callable[[Path], A
 
 
 def _explain(**options: Any) -> Callable[[Path], Any]:
-    return lambda d: vc.explain(_model(), IMAGES, verbose=False, **options)
+    return lambda d: vc.explain(_model(), IMAGES, **options)
 
 
 OP, CAL, LOAD, OPT = "selective_scan", "calibrate", "Profile.load", "torch.compile(options=...)"

@@ -93,7 +93,7 @@ def test_selection_options_rewrite_exactly_the_selected_sites(calibrated, select
     images = data.test.images[:16]
     with torch.no_grad():
         eager = rewritten(model, selection.sites, **selection.rewrite_options)(images)
-        explained = vc.explain(model, images, verbose=False, **selection.compile_options())
+        explained = vc.explain(model, images, **selection.compile_options())
     assert selection.sites and explained.rewritten == list(selection.sites)
     assert not torch.equal(eager, model(images)), "the selected rewrite did not change the output"
 

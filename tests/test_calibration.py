@@ -61,7 +61,7 @@ def test_profile_round_trip_and_threshold_compile_equals_eager_rewrite(mini, min
     path = mini_profile.save(tmp_path / "mini.json")
     loaded = vc.Profile.load(path)
     threshold = (loaded.metric(MINI_SITES[0], "ratio") + loaded.metric(MINI_SITES[1], "ratio")) / 2
-    report = vc.explain(model, batches[0], verbose=False, profile=str(path), threshold=threshold)
+    report = vc.explain(model, batches[0], profile=str(path), threshold=threshold)
     assert len(report.rewritten) == 1 and report.scan_flops_removed > 0
     assert_backend_matches_eager(model, batches[0], profile=str(path), threshold=threshold)
 
@@ -69,7 +69,7 @@ def test_profile_round_trip_and_threshold_compile_equals_eager_rewrite(mini, min
 def test_top_k_rewrites_the_lowest_impact_sites(mini, mini_profile):
     model, batches = mini
     lowest = min(MINI_SITES, key=lambda s: mini_profile.metric(s, "impact"))
-    report = vc.explain(model, batches[0], verbose=False, profile=mini_profile, top_k=1)
+    report = vc.explain(model, batches[0], profile=mini_profile, top_k=1)
     assert report.rewritten == [lowest]
     assert "impact rank 1" in str(report)
 
@@ -100,7 +100,7 @@ def test_tiny_vmamba_calibrate_save_load_compile_with_threshold(tmp_path):
     path = profile.save(tmp_path / "tiny.json")
     ratios = sorted(profile.metric(s, "ratio") for s in profile.site_ids)
     threshold = ratios[len(ratios) // 2]
-    report = vc.explain(model, images, verbose=False, profile=str(path), threshold=threshold)
+    report = vc.explain(model, images, profile=str(path), threshold=threshold)
     expected = [s for s in profile.site_ids if profile.metric(s, "ratio") <= threshold]
     assert sorted(report.rewritten) == expected and len(expected) >= 8
     assert all(f"REWRITE" in line for line in str(report).splitlines() if line.split(" ")[0] in expected)
@@ -113,10 +113,10 @@ def test_tiny_vmamba_calibrate_save_load_compile_with_threshold(tmp_path):
 def test_profile_of_another_model_is_refused_naming_the_sites(mini_profile):
     other = build_vmamba("vmamba_mini", depths=(1, 2)).eval()
     with pytest.raises(vc.ProfileMismatchError, match=r"stages\.1\.1\.op:0"):
-        vc.explain(other, torch.randn(1, 3, 32, 32), verbose=False, profile=mini_profile, threshold=0.5)
+        vc.explain(other, torch.randn(1, 3, 32, 32), profile=mini_profile, threshold=0.5)
     wider = build_vmamba("vmamba_mini", embed_dim=8).eval()
     with pytest.raises(vc.ProfileMismatchError, match=r"(?s)stages\.0\.0\.op:0 \(differs in dim\).*different model"):
-        vc.explain(wider, torch.randn(1, 3, 32, 32), verbose=False, profile=mini_profile, threshold=0.5)
+        vc.explain(wider, torch.randn(1, 3, 32, 32), profile=mini_profile, threshold=0.5)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -142,7 +142,7 @@ def test_top_k_larger_than_the_number_of_sites_is_refused(mini_profile):
 def test_unknown_site_id_is_an_error_listing_the_known_ids(mini):
     model, batches = mini
     with pytest.raises(Exception, match=r"unknown site id\(s\) 'stages\.0\.0:0'.*stages\.0\.0\.op:0, stages\.1\.0\.op:0"):
-        vc.explain(model, batches[0], verbose=False, sites=["stages.0.0:0"])
+        vc.explain(model, batches[0], sites=["stages.0.0:0"])
 
 
 @pytest.mark.parametrize("option", [{"threshold": 0.1}, {"top_k": 1}])

@@ -132,7 +132,7 @@ def test_one_profile_serves_every_resolution() -> None:
     ratios = sorted(profile.metric(s, "ratio") for s in profile.site_ids)
     threshold = (ratios[0] + ratios[1]) / 2
     chosen = [s for s in profile.site_ids if profile.metric(s, "ratio") <= threshold]
-    report = vc.explain(model, large, verbose=False, profile=profile, threshold=threshold)
+    report = vc.explain(model, large, profile=profile, threshold=threshold)
     assert report.rewritten == chosen and len(chosen) == 1
 
     mixed = vc.calibrate(model, [small, large], progress=False)

@@ -482,7 +482,7 @@ def test_backend_explain_and_calibrate_see_associative_scan_sites_end_to_end():
 
     model = Block(ScanAS("generic", b_form="grouped", c_form="grouped")).eval()
     inputs = make_inputs(b_form="grouped", c_form="grouped")
-    report = vc.explain(model, inputs, verbose=False, sites=["mixer.ssm:0"])
+    report = vc.explain(model, inputs, sites=["mixer.ssm:0"])
     assert [s.site_id for s in report.sites] == ["mixer.ssm:0"] and report.rewritten == ["mixer.ssm:0"]
     profile = vc.calibrate(model, [inputs], progress=False)
     assert profile.site_ids == ["mixer.ssm:0"]

@@ -256,7 +256,7 @@ def test_compiled_with_inductor_and_graph_breaks_matches_the_eager_rewrite() -> 
 def test_call_index_does_not_restart_in_the_graph_after_a_break(graph_break: bool) -> None:
     torch.manual_seed(0)
     model = TwoScansOneModule(graph_break).eval()
-    report = vmeanba_compiler.explain(model, _batches(1)[0], verbose=False)
+    report = vmeanba_compiler.explain(model, _batches(1)[0])
     assert report.graph_count == (2 if graph_break else 1)
     assert [s.site_id for s in report.sites] == [":0", ":1"]
     profile = vmeanba_compiler.calibrate(model, _batches(), impact=False, progress=False)
@@ -265,7 +265,7 @@ def test_call_index_does_not_restart_in_the_graph_after_a_break(graph_break: boo
 
 def test_explain_refuses_a_named_site_that_no_graph_has() -> None:
     with pytest.raises(ValueError, match=r"unknown site id\(s\) 'a:1'.*a:0, b:0, c:0"):
-        vmeanba_compiler.explain(_backbone(True), _batches(1)[0], verbose=False, sites=["a:1"])
+        vmeanba_compiler.explain(_backbone(True), _batches(1)[0], sites=["a:1"])
 
 
 def test_backend_refuses_a_named_site_of_a_module_the_model_lacks() -> None:
@@ -292,7 +292,7 @@ class CallsAFunction(nn.Module):
 
 
 def test_scan_outside_any_module_is_named_by_its_code_location() -> None:
-    report = vmeanba_compiler.explain(CallsAFunction(), _batches(1)[0], verbose=False)
+    report = vmeanba_compiler.explain(CallsAFunction(), _batches(1)[0])
     assert [s.site_id for s in report.sites] == ["<test_site_identity.scan_without_module>:0"]
 
 

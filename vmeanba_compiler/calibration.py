@@ -150,7 +150,8 @@ def calibrate(
         refuses a profile measured under other modes). Default: `config`'s, else "effective", "exact".
     config: a `VMeanbaConfig` whose rewrite modes to measure (the one you will compile with).
     Put the model in the mode you will deploy (usually `model.eval()`) first.
-    Dynamo's caches are reset first, so the instrumented trace is never served from an old one.
+    The model is traced with a backend of its own (`tracing.IsolatedTrace`): the instrumented
+    trace is never served from an old one, and the process's other compiled code is kept.
     """
     from tqdm.auto import tqdm
 
@@ -183,7 +184,7 @@ def calibrate(
                     stats.impact.update(torch.tensor([_impact(full, reduced, target, loss_fn)], dtype=torch.float64))
             num_batches += 1
             num_samples += _first_tensor(inputs).shape[0]
-    torch._dynamo.reset()
+    traced.release()
     if num_batches == 0:
         raise CalibrationError(
             "calibrate got no batches: pass a non-empty iterable of model inputs (e.g. a DataLoader)"

@@ -25,8 +25,9 @@ LabelledBatches = Iterable[tuple[Any, Tensor]]
 
 def rewritten(model: nn.Module, sites: Sequence[str], **options: Any) -> Callable:
     """`model` with exactly `sites` reduced, run eagerly (no Inductor). Extra `options` (e.g.
-    dt_mode, skip_mode) are backend options. Each call resets Dynamo's caches (so no earlier
-    trace is reused), which makes an earlier result retrace when it is called again."""
+    dt_mode, skip_mode) are backend options. Each call traces anew with a backend of its own
+    (no earlier trace is reused); its compiled code is dropped when the result is released or
+    garbage-collected (`tracing.IsolatedTrace`)."""
     return fresh_trace(model, "vmeanba", options={**options, "sites": list(sites), "inductor": False})
 
 

@@ -7,6 +7,7 @@ the estimated scan FLOPs the rewrite removes (a d-fold cut of the state updates 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,6 +19,8 @@ from .passes import canonicalize
 from .passes.site_selection import unknown_site_ids_error
 from .passes.vmeanba_rewrite import RewritePlan, plan_rewrite
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,13 @@ def _site_reports(plan: RewritePlan, config: VMeanbaConfig) -> list[SiteReport]:
     return reports
 
 
-def explain(model: nn.Module, example_inputs: Any, *, verbose: bool = True, **options: Any) -> ExplainReport:
+def explain(model: nn.Module, example_inputs: Any, **options: Any) -> ExplainReport:
     """Report the sites of `model` and which ones `backend="vmeanba"` with `options` rewrites.
 
     example_inputs: a Tensor, a tuple of positional arguments or a dict of keyword arguments.
-    Prints the report when `verbose`. Resets Dynamo's caches, as tracing anew is the point.
+    Returns the report (`print(report)` shows the table) and logs it; it prints nothing. The
+    model is traced anew with a backend of its own, leaving the process's other compiled code
+    alone (`tracing.IsolatedTrace`).
     """
     config = VMeanbaConfig.from_options(options)
     plans: list[RewritePlan] = []
@@ -107,10 +112,8 @@ def explain(model: nn.Module, example_inputs: Any, *, verbose: bool = True, **op
         plans.append(plan_rewrite(canonicalize(gm, config), config))
         return gm.forward
 
-    traced = fresh_trace(model, capture)
-    with torch.no_grad(), backend_errors_unwrapped():
+    with fresh_trace(model, capture) as traced, torch.no_grad(), backend_errors_unwrapped():
         call_with_inputs(traced, example_inputs)
-    torch._dynamo.reset()
     report = ExplainReport([r for p in plans for r in _site_reports(p, config)], graph_count=len(plans))
     traced_ids = list(dict.fromkeys(
         [s.site_id for p in plans for s in p.sites]
@@ -119,6 +122,5 @@ def explain(model: nn.Module, example_inputs: Any, *, verbose: bool = True, **op
     unknown = [i for i in config.sites if i not in traced_ids]
     if unknown:  # each graph only refuses ids of unknown modules; here the whole model was seen
         raise unknown_site_ids_error(unknown, traced_ids)
-    if verbose:
-        print(report)
+    log.info("explain: %d of %d scan sites rewritten\n%s", len(report.rewritten), len(report.sites), report)
     return report

@@ -355,18 +355,18 @@ def assert_backend_matches_eager(model: torch.nn.Module, inputs: Any, **options:
     """Compile `model` with `backend="vmeanba"` and `options`; assert its output equals eager
     execution of the same rewrite (`inductor=False`) within `MODEL_TOLERANCES`. When `options`
     select no site, also assert the eager rewrite is bit-identical to `model(inputs)`.
-    Runs under torch.no_grad(); resets Dynamo before each compilation. Returns the output."""
+    Runs under torch.no_grad(); each compilation is traced anew with a backend of its own and
+    released afterwards (the process's other compiled code is kept). Returns the output."""
     from .config import VMeanbaConfig
     from .tracing import call_with_inputs, fresh_trace
 
     config = VMeanbaConfig.from_options(options)
     selects = config.sites or config.threshold is not None or config.top_k is not None
     with torch.no_grad():
-        eager_rewrite = call_with_inputs(
-            fresh_trace(model, "vmeanba", options={**options, "inductor": False}), inputs
-        )
-        compiled = call_with_inputs(fresh_trace(model, "vmeanba", options=options), inputs)
-        torch._dynamo.reset()
+        with fresh_trace(model, "vmeanba", options={**options, "inductor": False}) as traced:
+            eager_rewrite = call_with_inputs(traced, inputs)
+        with fresh_trace(model, "vmeanba", options=options) as traced:
+            compiled = call_with_inputs(traced, inputs)
         if not selects:
             plain = call_with_inputs(model, inputs)
             if not torch.equal(eager_rewrite, plain):

@@ -40,9 +40,8 @@ def measure_model(name: str, size: int, batches: int, seed: int = 0) -> dict[str
         errors = [profile.metric(s, "relative_error") for s in profile.site_ids]
         options = {"sites": profile.site_ids, "inductor": False, "dt_mode": dt_mode, "skip_mode": skip_mode}
         with torch.no_grad():
-            traced = fresh_trace(model, "vmeanba", options=options)
-            reduced = torch.cat([traced(x) for x in data])
-        torch._dynamo.reset()
+            with fresh_trace(model, "vmeanba", options=options) as traced:
+                reduced = torch.cat([traced(x) for x in data])
         log_p, log_q = reference.double().log_softmax(-1), reduced.double().log_softmax(-1)
         results[f"{dt_mode}/{skip_mode}"] = {
             "site_relative_error_median": statistics.median(errors),
