@@ -22,6 +22,10 @@ from .site_selection import SiteDecision, select_sites
 
 log = logging.getLogger("vmeanba_compiler.passes")
 
+# Node meta key set on each reduced-scan node: the site ids it computes (its own, then those of
+# module instances sharing its graph), so a check can read what a compilation actually rewrote.
+REWRITTEN_SITES_META = "vmeanba_rewritten_sites"
+
 
 @dataclass(frozen=True)
 class RewritePlan:
@@ -48,7 +52,8 @@ def plan_rewrite(gm: torch.fx.GraphModule, config) -> RewritePlan:
 def _replace(gm: torch.fx.GraphModule, site: ScanSite, config) -> None:
     node = site.node
     kwargs = {**node.kwargs, "groups": site.groups, "dt_mode": config.dt_mode, "skip_mode": config.skip_mode}
-    replace_node(gm.graph, node, "call_function", reduced_selective_scan, node.args, kwargs)
+    reduced = replace_node(gm.graph, node, "call_function", reduced_selective_scan, node.args, kwargs)
+    reduced.meta[REWRITTEN_SITES_META] = (site.site_id, *(site.shared.sibling_ids if site.shared else ()))
 
 
 def vmeanba_rewrite(gm: torch.fx.GraphModule, config) -> torch.fx.GraphModule:

@@ -156,6 +156,28 @@ def test_backend_matches_eager_rewrite_on_random_small_models(model_and_images, 
     assert_backend_matches_eager(model, images, sites=chosen)
 
 
+@pytest.mark.parametrize("fault", ["named site kept", "unnamed site rewritten"])
+def test_backend_matches_eager_fails_when_the_compilation_ignores_the_selection(fault, monkeypatch):
+    """Negative control of `assert_backend_matches_eager`: with the rewrite pass made to ignore the
+    selection, the compiled model still equals its own graph run eagerly, so only the helper's check
+    of which sites were rewritten can catch it."""
+    import vmeanba_compiler.passes.vmeanba_rewrite as rewrite_pass
+
+    torch.manual_seed(0)
+    model = build_vmamba("vmamba_mini", in_chans=1).eval()
+    images = torch.randn(2, 1, 8, 8)
+    if fault == "named site kept":
+        monkeypatch.setattr(rewrite_pass, "_replace", lambda gm, site, config: None)
+        expected = r"not rewritten: \['stages.1.0.op:0'\]"
+    else:
+        real = rewrite_pass.select_sites
+        monkeypatch.setattr(rewrite_pass, "select_sites", lambda sites, config, owners=None: [
+            dataclasses.replace(d, rewrite=True) for d in real(sites, config, owners)])
+        expected = r"rewritten though not selected: \['stages.0.0.op:0'\]"
+    with pytest.raises(AssertionError, match=expected):
+        assert_backend_matches_eager(model, images, sites=["stages.1.0.op:0"])
+
+
 @pytest.mark.parametrize("mode", [("effective", "exact"), ("raw", "mean")])
 def test_rewritten_site_is_differentiable_gradcheck(mode):
     gen = torch.Generator().manual_seed(1)

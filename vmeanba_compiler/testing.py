@@ -354,7 +354,9 @@ def assert_rewrite_matches_formulas(
 def assert_backend_matches_eager(model: torch.nn.Module, inputs: Any, **options: Any) -> Tensor:
     """Compile `model` with `backend="vmeanba"` and `options`; assert its output equals eager
     execution of the same rewrite (`inductor=False`) within `MODEL_TOLERANCES`. When `options`
-    select no site, also assert the eager rewrite is bit-identical to `model(inputs)`.
+    select no site, also assert the eager rewrite is bit-identical to `model(inputs)`; and assert
+    that the compilation rewrote exactly the sites the options select (read from the rewritten
+    graph), so a named site left unrewritten fails instead of matching itself.
     Runs under torch.no_grad(); each compilation is traced anew with a backend of its own and
     released afterwards (the process's other compiled code is kept). Returns the output."""
     from .config import VMeanbaConfig
@@ -362,9 +364,11 @@ def assert_backend_matches_eager(model: torch.nn.Module, inputs: Any, **options:
 
     config = VMeanbaConfig.from_options(options)
     selects = config.sites or config.threshold is not None or config.top_k is not None
+    rewritten: set[str] = set()
     with torch.no_grad():
-        with fresh_trace(model, "vmeanba", options={**options, "inductor": False}) as traced:
+        with fresh_trace(model, _recording_vmeanba_backend(rewritten), options={**options, "inductor": False}) as traced:
             eager_rewrite = call_with_inputs(traced, inputs)
+        _assert_rewrote_exactly(_selected_site_ids(config), rewritten)
         with fresh_trace(model, "vmeanba", options=options) as traced:
             compiled = call_with_inputs(traced, inputs)
         if not selects:
@@ -374,6 +378,48 @@ def assert_backend_matches_eager(model: torch.nn.Module, inputs: Any, **options:
     rtol, atol = MODEL_TOLERANCES[compiled.dtype]
     torch.testing.assert_close(compiled, eager_rewrite, rtol=rtol, atol=atol)
     return compiled
+
+
+def _assert_rewrote_exactly(expected: set[str], rewritten: set[str]) -> None:
+    if rewritten != expected:
+        raise AssertionError(
+            f"the options select site(s) {sorted(expected)}, but the compilation rewrote {sorted(rewritten)}"
+            + (f"; not rewritten: {sorted(expected - rewritten)}" if expected - rewritten else "")
+            + (f"; rewritten though not selected: {sorted(rewritten - expected)}" if rewritten - expected else "")
+        )
+
+
+def _recording_vmeanba_backend(rewritten: set[str]) -> Callable:
+    """The vmeanba backend (to run with `inductor=False`), adding to `rewritten` the site ids of
+    every reduced-scan node in the graphs it returns: what the compilation actually rewrote."""
+    from .backend import vmeanba_backend
+    from .passes.vmeanba_rewrite import REWRITTEN_SITES_META
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Callable:
+        run = vmeanba_backend(gm, example_inputs, **kwargs)
+        graph = getattr(run, "__self__", None)
+        if not isinstance(graph, torch.fx.GraphModule):
+            raise AssertionError("the vmeanba backend with inductor=False should return a GraphModule's forward")
+        for node in graph.graph.nodes:
+            rewritten.update(node.meta.get(REWRITTEN_SITES_META, ()))
+        return run
+
+    return backend
+
+
+def _selected_site_ids(config: Any) -> set[str]:
+    """The site ids `config` selects, from the options' documented meaning (README, "Backend
+    options"), not from the selection code: named sites; the profile's sites whose metric is at
+    most the threshold; the top_k of lowest impact (ties by id)."""
+    if config.sites:
+        return set(config.sites)
+    profile = config.profile
+    if config.threshold is not None:
+        return {i for i in profile.stats if profile.metric(i, config.metric) <= config.threshold}
+    if config.top_k is not None:
+        impact = {i: profile.metric(i, "impact") for i in profile.site_ids}
+        return set(sorted(impact, key=lambda i: (impact[i], i))[: config.top_k])
+    return set()
 
 
 def training_losses(
