@@ -23,5 +23,21 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
     for name, value in list(namespace.items()):  # property tests defined in a block run too
         if name.startswith("test_") and callable(value):
-            value()
+            _with_few_examples(value)()
     torch._dynamo.reset()
+
+
+# A README property test runs here to show the block works; its properties are checked with the
+# full example counts by the suite's own tests (test_vmeanba_rewrite.py), so two examples do.
+README_MAX_EXAMPLES = 2
+
+
+def _with_few_examples(test):
+    """`test` with at most README_MAX_EXAMPLES hypothesis examples (unchanged if not a property
+    test). Hypothesis refuses a second @settings, so the settings it stored are replaced."""
+    from hypothesis import settings
+
+    stored = getattr(test, "_hypothesis_internal_use_settings", None)
+    if stored is not None and stored.max_examples > README_MAX_EXAMPLES:
+        test._hypothesis_internal_use_settings = settings(stored, max_examples=README_MAX_EXAMPLES)
+    return test

@@ -146,7 +146,7 @@ def test_rewritten_model_equals_eager_model_with_formula_scans(monkeypatch):
     torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=4)
+@settings(max_examples=2)  # two compilations each; tests/test_fuzz.py (-m fuzz) draws more models
 @given(model_and_images=small_vmamba_models(), data=st.data())
 def test_backend_matches_eager_rewrite_on_random_small_models(model_and_images, data):
     model, images = model_and_images
