@@ -51,8 +51,8 @@ class IsolatedTrace:
     it, the compile is also `isolate_recompiles=True`, so its recompiles are counted apart from
     the user's.
 
-    `release()` (also called when the object is garbage-collected, and by `with ... as traced`)
-    removes what it left in Dynamo's caches: a code object that only holds its entries (or dead
+    `release()` (also by `with ... as traced`; a garbage-collected trace is released at the next
+    new trace or release) removes what it left in Dynamo's caches: a code object that only holds its entries (or dead
     ones) is cleared, otherwise its entries are invalidated, which frees their graphs. Nothing else
     is reset; `torch._dynamo.reset()` is never called.
     """
@@ -66,8 +66,12 @@ class IsolatedTrace:
 
         if _ISOLATE_RECOMPILES:
             compile_kwargs.setdefault("isolate_recompiles", True)
+        _drop_released()
         self._compiled = torch.compile(model, backend=isolated_backend, **compile_kwargs)
-        self._finalizer = weakref.finalize(self, drop_cache_entries, isolated_backend)
+        # Garbage collection may run while Dynamo executes compiled code, where changing its
+        # caches is unsafe (seen: a segfault). A collected trace only queues its backend; the
+        # queue is emptied at the next safe point: a new trace or an explicit release.
+        self._finalizer = weakref.finalize(self, _released_backends.append, isolated_backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self._finalizer.alive:
@@ -79,14 +83,24 @@ class IsolatedTrace:
             return self._compiled(*args, **kwargs)
 
     def release(self) -> None:
-        """Drop this trace's entries from Dynamo's caches (idempotent)."""
+        """Drop this trace's entries from Dynamo's caches (idempotent). Call it where no code
+        compiled by it is running (not from inside the traced model)."""
         self._finalizer()
+        _drop_released()
 
     def __enter__(self) -> "IsolatedTrace":
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
+
+
+_released_backends: list[Callable] = []
+
+
+def _drop_released() -> None:
+    while _released_backends:
+        drop_cache_entries(_released_backends.pop())
 
 
 def fresh_trace(model: Callable, backend: Any, **compile_kwargs: Any) -> IsolatedTrace:
