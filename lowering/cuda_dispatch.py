@@ -1,7 +1,9 @@
-"""How `vmeanba::selective_scan` and its backward op reach the Triton kernels for CUDA tensors.
+"""How the scan ops reach the Triton kernels for CUDA tensors.
 
-Each op gets two registrations (made in `vmeanba_compiler/ops.py`), because eager calls and
-compiled graphs need different things:
+`vmeanba::selective_scan` and its backward op (registered in `vmeanba_compiler/ops.py`) and
+`vmeanba::reduced_selective_scan` (`vmeanba_compiler/reduced_op.py`, kernel in
+`vmeanba_triton.py`) each get two registrations, because eager calls and compiled graphs need
+different things:
 
 - `register_kernel("cuda")` (`forward`, `backward` here): an eager call on CUDA tensors
   launches the kernels of `scan_triton.py` directly.
@@ -22,7 +24,7 @@ Triton driver.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
@@ -31,6 +33,12 @@ def _kernels():
     from . import scan_triton
 
     return scan_triton
+
+
+def _reduced_kernels():
+    from . import vmeanba_triton
+
+    return vmeanba_triton
 
 
 def forward(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -49,7 +57,22 @@ def _decomposition_disabled() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
-def _inline_on_cuda(launcher_name: str) -> Callable:
+def reduced_forward(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor] = None, z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False, *, groups: int, dt_mode: str = "effective", skip_mode: str = "exact",
+) -> tuple[Tensor, Tensor]:
+    """The reduced-site op's CUDA kernel: `vmeanba_triton.fused_reduced_scan`."""
+    return _reduced_kernels().fused_reduced_scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, groups, dt_mode=dt_mode, skip_mode=skip_mode
+    )
+
+
+def inline_on_cuda(launch: Callable[..., Any]) -> Callable:
+    """A FunctionalTensorMode rule that traces CUDA calls into `launch` (which takes the op's
+    arguments): its Triton launches are recorded, and torch ops it calls (e.g. a backward
+    written as a composition) are functionalised like any other."""
+
     def rule(mode, op, types, args, kwargs):
         # args[0] is u (forward) or grad_y (backward): the op's device.
         if args[0].device.type != "cuda" or _decomposition_disabled():
@@ -57,11 +80,12 @@ def _inline_on_cuda(launcher_name: str) -> Callable:
         from .triton_common import recording_launches
 
         with mode, recording_launches():
-            return getattr(_kernels(), launcher_name)(*args, **(kwargs or {}))
+            return launch(*args, **(kwargs or {}))
 
-    rule.__doc__ = f"FunctionalTensorMode rule: trace CUDA calls into `scan_triton.{launcher_name}`."
+    rule.__doc__ = f"FunctionalTensorMode rule: trace CUDA calls into `{launch.__name__}`."
     return rule
 
 
-inline_forward = _inline_on_cuda("forward")
-inline_backward = _inline_on_cuda("backward")
+inline_forward = inline_on_cuda(forward)
+inline_backward = inline_on_cuda(backward)
+inline_reduced_forward = inline_on_cuda(reduced_forward)

@@ -1,4 +1,4 @@
-"""Compile the C scan kernel once per machine and load it with ctypes.
+"""Compile the C scan kernels once per machine and load them with ctypes.
 
 Why not a torch C++ extension: those need torch's headers and take a minute to build; this kernel
 is plain C over raw pointers, builds in well under a second with the system C compiler (the same
@@ -19,7 +19,10 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-_SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
+_HERE = Path(__file__).parent
+# One library: the full scan, the fused reduced site, and the header both include.
+_SOURCES = (_HERE / "selective_scan_cpu.c", _HERE / "reduced_scan_cpu.c")
+_HEADERS = (_HERE / "scan_math.h",)
 # -ffast-math lets gcc reassociate the state update and call glibc's vectorised exp/log1p
 # (libmvec). -fno-finite-math-only takes back its one unsafe assumption for our inputs, that no
 # value is NaN or inf: NaN/inf inputs then give what the reference loop gives (tested). Without
@@ -83,11 +86,11 @@ def _flags(real: str) -> list[str]:
 
 def library_path(real: str) -> Path:
     """Where the library for `real` is cached. The name hashes everything the machine code depends
-    on: the source, the compiler (path and version), the compile and link flags, and the CPU's
+    on: the sources, the compiler (path and version), the compile and link flags, and the CPU's
     model and feature flags, so a shared cache never hands out a build for another setup."""
     compiler = _compiler()
     key = hashlib.sha256("\0".join([
-        _SOURCE.read_text(), _compiler_identity(compiler), *_flags(real), "link:", *_LINK_FLAGS, _cpu_identity(),
+        *(f.read_text() for f in (*_SOURCES, *_HEADERS)), _compiler_identity(compiler), *_flags(real), "link:", *_LINK_FLAGS, _cpu_identity(),
     ]).encode()).hexdigest()[:16]
     return cache_dir() / f"selective_scan_{real}_{key}.so"
 
@@ -100,11 +103,10 @@ def _build(real: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "scan.o", Path(tmp) / "scan.so"
-        for cmd in (
-            [compiler, *flags, "-c", str(_SOURCE), "-o", str(obj)],
-            [compiler, *_LINK_FLAGS, str(obj), "-o", str(lib), "-lm"],
-        ):
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in _SOURCES]
+        lib = Path(tmp) / "scan.so"
+        commands = [[compiler, *flags, "-c", str(source), "-o", obj] for source, obj in zip(_SOURCES, objects)]
+        for cmd in (*commands, [compiler, *_LINK_FLAGS, *objects, "-o", str(lib), "-lm"]):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(
@@ -118,14 +120,15 @@ _PTR, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 _PROJ = [_PTR, _I64, _I64, _I64, _I64]  # pointer, batch/group/time strides, channels per group
 _FORWARD_ARGS = [_PTR] * 3 + _PROJ * 2 + [_PTR] * 3 + [_I32] + [_PTR] * 3 + [_I64] * 6
 _BACKWARD_ARGS = [_PTR] * 5 + _PROJ * 2 + [_PTR] * 3 + [_I32] + [_PTR] * 9 + [_I64] * 6
+_REDUCED_ARGS = [_PTR] * 3 + _PROJ * 2 + [_PTR] * 3 + [_I32] * 3 + [_PTR] * 2 + [_I64] * 7
 
 
 @lru_cache(maxsize=None)
 def load_kernels(real: str) -> ctypes.CDLL:
     """The kernel library for `real` in {"float", "double"}, built on first use."""
     lib = ctypes.CDLL(str(_build(real)))
-    lib.scan_forward.argtypes = _FORWARD_ARGS
-    lib.scan_forward.restype = None
-    lib.scan_backward.argtypes = _BACKWARD_ARGS
-    lib.scan_backward.restype = None
+    for name, argtypes in (("scan_forward", _FORWARD_ARGS), ("scan_backward", _BACKWARD_ARGS),
+                           ("reduced_scan_forward", _REDUCED_ARGS)):
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
     return lib

@@ -20,14 +20,16 @@ from ..scan_schema import ProjectionForm, ScanShape, compute_dtype_for, validate
 _pool: Optional[ThreadPoolExecutor] = None
 
 
-def _channel_blocks(dim: int) -> list[tuple[int, int]]:
-    workers = max(1, min(torch.get_num_threads(), dim))
-    edges = [dim * i // workers for i in range(workers + 1)]
+def work_blocks(count: int) -> list[tuple[int, int]]:
+    """`count` independent items (channels, or (batch, group) pairs) cut into one contiguous
+    block per thread."""
+    workers = max(1, min(torch.get_num_threads(), count))
+    edges = [count * i // workers for i in range(workers + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _run_blocks(kernel: Callable, blocks: Sequence[tuple[int, int]], args_for: Callable) -> None:
-    """Run `kernel(*args_for(worker, begin, end))` for every channel block, in parallel."""
+def run_blocks(kernel: Callable, blocks: Sequence[tuple[int, int]], args_for: Callable) -> None:
+    """Run `kernel(*args_for(worker, begin, end))` for every block, in parallel."""
     global _pool
     if len(blocks) == 1:
         kernel(*args_for(0, *blocks[0]))
@@ -39,7 +41,7 @@ def _run_blocks(kernel: Callable, blocks: Sequence[tuple[int, int]], args_for: C
         future.result()
 
 
-def _kernel_layout(proj: Tensor, form: ProjectionForm, shape: ScanShape, math: torch.dtype):
+def kernel_layout(proj: Tensor, form: ProjectionForm, shape: ScanShape, math: torch.dtype):
     """B or C with the state axis last and contiguous, plus the kernel's (sb, sg, st, cpg)."""
     n, length = shape.state, shape.length
     if form is ProjectionForm.FIXED:  # (dim, N): same row at every batch and time
@@ -65,8 +67,8 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
     shape = validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
     math = compute_dtype_for(u)
     dense = [None if t is None else t.to(math).contiguous() for t in (u, delta, A, D, z, delta_bias)]
-    B_k, B_strides = _kernel_layout(B, shape.b_form, shape, math)
-    C_k, C_strides = _kernel_layout(C, shape.c_form, shape, math)
+    B_k, B_strides = kernel_layout(B, shape.b_form, shape, math)
+    C_k, C_strides = kernel_layout(C, shape.c_form, shape, math)
     lib = load_kernels("double" if math == torch.float64 else "float")
     return shape, math, lib, dense, (B_k, B_strides), (C_k, C_strides)
 
@@ -87,7 +89,7 @@ def forward(
     u_k, delta_k, A_k, D_k, z_k, bias_k = dense
     y = torch.empty(shape.batch, shape.dim, shape.length, dtype=math)
     last_state = torch.empty(shape.batch, shape.dim, shape.state, dtype=math)
-    blocks = _channel_blocks(shape.dim)
+    blocks = work_blocks(shape.dim)
     scratch = torch.empty(len(blocks), shape.length, dtype=math)
     sizes = (shape.batch, shape.dim, shape.state, shape.length)
 
@@ -99,7 +101,7 @@ def forward(
             y.data_ptr(), last_state.data_ptr(), scratch[worker].data_ptr(), *sizes, begin, end,
         )
 
-    _run_blocks(lib.scan_forward, blocks, args_for)
+    run_blocks(lib.scan_forward, blocks, args_for)
     return y.to(u.dtype), last_state
 
 
@@ -122,7 +124,7 @@ def backward(
     u_k, delta_k, A_k, D_k, z_k, bias_k = dense
     gy = grad_y.to(math).contiguous()
     g_last = None if grad_last_state is None else grad_last_state.to(math).contiguous()
-    blocks = _channel_blocks(shape.dim)
+    blocks = work_blocks(shape.dim)
     workers = len(blocks)
     g_u, g_delta = torch.empty_like(u_k), torch.empty_like(delta_k)
     g_A = torch.zeros_like(A_k)
@@ -146,7 +148,7 @@ def backward(
             g_bias.data_ptr(), scratch[worker].data_ptr(), *sizes, begin, end,
         )
 
-    _run_blocks(lib.scan_backward, blocks, args_for)
+    run_blocks(lib.scan_backward, blocks, args_for)
 
     def absent() -> Tensor:
         # A fresh zero-size tensor per missing argument: a custom op's outputs may not alias

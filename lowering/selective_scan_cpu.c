@@ -11,35 +11,7 @@
  * B and C are read through strides: element (batch b, channel c, time t, state n) lives at
  * P[b*sb + (c / cpg)*sg + t*st + n], which covers grouped, shared and fixed projections.
  */
-/* The build keeps IEEE NaN and inf (-fno-finite-math-only on top of -ffast-math, see
- * native_build.py). GCC then no longer defines __FAST_MATH__, and glibc only declares its
- * vectorised exp/log1p (libmvec) under that macro, so the loops below would call the scalar
- * functions one element at a time. libmvec's variants treat NaN and inf as the scalar functions
- * do (special lanes take the scalar path), so ask glibc for their declarations anyway. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__FAST_MATH__)
-#define __FAST_MATH__ 1
-#endif
-#include <tgmath.h> /* exp, log1p resolve to the float or double variant of REAL */
-#include <stdint.h>
-#include <string.h>
-
-typedef REAL real;
-
-#define SOFTPLUS_THRESHOLD 20 /* torch.nn.functional.softplus's default: identity above it */
-
-/* dt_t for a whole row, in a loop without dependencies so it vectorises (libmvec log1p/exp). */
-static inline void step_sizes(const real *restrict delta, real bias, int softplus,
-                              real *restrict dts, int64_t L)
-{
-    for (int64_t t = 0; t < L; t++) dts[t] = delta[t] + bias;
-    if (!softplus) return;
-    for (int64_t t = 0; t < L; t++) {
-        const real x = dts[t];
-        /* not fmin: fmin(NaN, 20) is 20, and softplus(NaN) must stay NaN */
-        const real smooth = log1p(exp(x > SOFTPLUS_THRESHOLD ? (real)SOFTPLUS_THRESHOLD : x));
-        dts[t] = x > SOFTPLUS_THRESHOLD ? x : smooth;
-    }
-}
+#include "scan_math.h"
 
 /* d dt / d raw delta: the softplus slope, 1 above the threshold or without softplus. */
 static inline real step_size_grad(real raw, int softplus)
@@ -75,17 +47,6 @@ static inline __attribute__((always_inline)) void forward_row(
     if (z)
         for (int64_t t = 0; t < L; t++) y[t] *= z[t] / (1 + exp(-z[t]));
 }
-
-#define DISPATCH_N(fn, N, ...)                                    \
-    do {                                                          \
-        switch (N) {                                              \
-        case 1: fn(__VA_ARGS__, 1); break;                        \
-        case 4: fn(__VA_ARGS__, 4); break;                        \
-        case 8: fn(__VA_ARGS__, 8); break;                        \
-        case 16: fn(__VA_ARGS__, 16); break;                      \
-        default: fn(__VA_ARGS__, N); break;                       \
-        }                                                         \
-    } while (0)
 
 /* scratch: L entries. */
 void scan_forward(

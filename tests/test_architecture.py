@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # kernels: reference loop, C kernel, Triton kernels
     ("lowering", ("vmeanba_compiler.lowering", "vmeanba_compiler.lowering.*")),
     # the torch.library op registration, dispatching to lowering/
-    ("op", ("vmeanba_compiler.ops",)),
+    ("op", ("vmeanba_compiler.ops", "vmeanba_compiler.reduced_op")),
     # canonicalisation (graph passes and trace-time substitutions), site discovery, selection, rewrite
     ("passes", ("vmeanba_compiler.passes", "vmeanba_compiler.passes.*", "vmeanba_compiler.polyfills",
                 "vmeanba_compiler.polyfills.*", "vmeanba_compiler.scan_substitutions")),

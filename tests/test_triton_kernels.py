@@ -40,6 +40,7 @@ INTERPRETER_CASES = (
     "test_forward_matches_reference",
     "test_backward_matches_autograd_through_reference",
     "test_fused_site_matches_reduced_scan",
+    "test_fused_site_backward_matches_reference",
     "test_kernels_read_strided_views_in_place",
 )
 

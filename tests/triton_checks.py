@@ -18,7 +18,7 @@ from torch import Tensor
 from vmeanba_compiler.lowering import scan_triton, vmeanba_triton
 from vmeanba_compiler.scan_schema import compute_dtype_for
 from vmeanba_compiler.lowering.scan_reference import selective_scan_reference
-from vmeanba_compiler.passes.reduced_scan import reduced_selective_scan
+from vmeanba_compiler.lowering.reduced_scan import reduced_scan_backward, reduced_scan_reference
 from vmeanba_compiler.testing import ScanInputs, assert_scan_close, vmeanba_formula
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -98,12 +98,46 @@ def assert_backward_matches_reference(x: ScanInputs, grad_seed: int, with_last_s
         assert_scan_close(got, want, x.u.dtype, f"grad of {name}, {x}")
 
 
-def assert_fused_matches_reduced_site(x: ScanInputs, groups: int, device: str) -> None:
+def assert_fused_matches_reduced_site(
+    x: ScanInputs, groups: int, device: str, dt_mode: str = "effective", skip_mode: str = "exact"
+) -> None:
     """y against the independent float64 evaluation of docs/DESIGN.md section 2, and the last state
-    against what `reduced_selective_scan` (effective dt, exact skip) returns in float64."""
+    against the reduced site's reference composition (`reduced_scan_reference`) in float64."""
     with nan_filled_buffers():
-        y, last_state = vmeanba_triton.fused_reduced_scan(*on_device(x, device).args(), groups)
-    _, last_ref = reduced_selective_scan(*x.to(torch.float64).args(), groups=groups)
+        y, last_state = vmeanba_triton.fused_reduced_scan(
+            *on_device(x, device).args(), groups, dt_mode=dt_mode, skip_mode=skip_mode
+        )
+    modes = {"groups": groups, "dt_mode": dt_mode, "skip_mode": skip_mode}
+    _, last_ref = reduced_scan_reference(*x.to(torch.float64).args(), **modes)
     assert y.dtype == x.u.dtype and y.is_contiguous()
-    assert_scan_close(y, vmeanba_formula(x, groups), x.u.dtype, f"fused y (groups={groups}) of {x}")
-    assert_scan_close(last_state, last_ref, compute_dtype_for(x.u), f"fused last_state (groups={groups}) of {x}")
+    assert_scan_close(y, vmeanba_formula(x, groups, dt_mode, skip_mode), x.u.dtype, f"fused y ({modes}) of {x}")
+    assert_scan_close(last_state, last_ref, compute_dtype_for(x.u), f"fused last_state ({modes}) of {x}")
+
+
+def assert_fused_site_backward_matches_reference(
+    x: ScanInputs, groups: int, dt_mode: str, skip_mode: str, grad_seed: int, device: str
+) -> None:
+    """The reduced site's backward on `device` (its composition around the Triton scan kernels, as
+    the CUDA op runs it) against autograd through the float64 reference composition."""
+    gen = torch.Generator().manual_seed(grad_seed)
+    grad_y = torch.randn(x.u.shape, generator=gen, dtype=torch.float64)
+    grad_last = torch.randn(*x.u.shape[:2], x.A.shape[1], generator=gen, dtype=torch.float64)
+    math = compute_dtype_for(x.u)
+    with nan_filled_buffers():
+        grads = reduced_scan_backward(
+            grad_y.to(device, x.u.dtype), grad_last.to(device, math), *on_device(x, device).args(), groups, dt_mode,
+            skip_mode, scan_triton.forward, scan_triton.backward,
+        )
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in x.args()[:-1]]
+    y, last_state = reduced_scan_reference(*leaves, x.delta_softplus, groups=groups, dt_mode=dt_mode,
+                                           skip_mode=skip_mode)
+    present = [t for t in leaves if t is not None]
+    expected = iter(torch.autograd.grad([y, last_state], present, [grad_y, grad_last], allow_unused=True))
+    for name, got, leaf, given in zip(GRAD_NAMES, grads, leaves, x.args()):
+        if leaf is None:
+            assert got.numel() == 0, f"grad of absent {name} should be an empty placeholder"
+            continue
+        want = next(expected)
+        want = torch.zeros_like(leaf) if want is None else want
+        assert got.dtype == given.dtype and got.shape == given.shape, f"grad of {name}: {got.dtype} {got.shape}"
+        assert_scan_close(got, want, x.u.dtype, f"grad of {name} ({dt_mode}, {skip_mode}, groups={groups}), {x}")

@@ -21,6 +21,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import triton_checks  # noqa: E402
+from vmeanba_compiler.rewrite_modes import DT_MODES, SKIP_MODES  # noqa: E402
 from vmeanba_compiler.testing import ScanInputs, scan_inputs, site_groups  # noqa: E402
 
 SMALL = {"max_batch": 2, "max_dim": 8, "max_state": 4, "max_length": 12}
@@ -42,12 +43,27 @@ def test_backward_matches_autograd_through_reference(x: ScanInputs, grad_seed: i
     triton_checks.assert_backward_matches_reference(x, grad_seed, with_last_state, "cpu")
 
 
+def _reduction(x: ScanInputs, data: st.DataObject) -> tuple[int, str, str]:
+    """A group count the site allows (a multiple of B's and C's that divides dim) and the modes."""
+    dim, base = x.u.shape[1], site_groups(x)
+    groups = data.draw(st.sampled_from([g for g in range(base, dim + 1, base) if dim % g == 0]), label="groups")
+    return groups, data.draw(st.sampled_from(DT_MODES), label="dt_mode"), data.draw(st.sampled_from(SKIP_MODES),
+                                                                                      label="skip_mode")
+
+
 @settings(max_examples=20)
 @given(x=scan_inputs(**SMALL), data=st.data())
 def test_fused_site_matches_reduced_scan(x: ScanInputs, data: st.DataObject) -> None:
-    dim, base = x.u.shape[1], site_groups(x)
-    groups = data.draw(st.sampled_from([g for g in range(base, dim + 1, base) if dim % g == 0]), label="groups")
-    triton_checks.assert_fused_matches_reduced_site(x, groups, "cpu")
+    groups, dt_mode, skip_mode = _reduction(x, data)
+    triton_checks.assert_fused_matches_reduced_site(x, groups, "cpu", dt_mode, skip_mode)
+
+
+@settings(max_examples=6)
+@given(x=scan_inputs(**SMALL, dtypes=(torch.float32, torch.float64)), data=st.data(),
+       grad_seed=st.integers(0, 2**32 - 1))
+def test_fused_site_backward_matches_reference(x: ScanInputs, data: st.DataObject, grad_seed: int) -> None:
+    groups, dt_mode, skip_mode = _reduction(x, data)
+    triton_checks.assert_fused_site_backward_matches_reference(x, groups, dt_mode, skip_mode, grad_seed, "cpu")
 
 
 @settings(max_examples=6)

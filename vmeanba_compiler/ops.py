@@ -12,7 +12,7 @@ torch.compile (`lowering/cuda_dispatch.py` explains the two registrations at the
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -138,36 +138,37 @@ _selective_scan_backward.register_kernel("cuda")(cuda_dispatch.backward)
 _selective_scan_backward.register_torch_dispatch(FunctionalTensorMode, cuda_dispatch.inline_backward)
 
 
-def _autocast_rule(device_type: str):
-    """The op's kernel for `device_type`'s autocast dispatch key.
+def autocast_rule(device_type: str, op: Callable) -> Callable:
+    """The kernel of `op` (this op, or the reduced-site op of `reduced_op.py`, whose first two
+    arguments are also u and delta and whose first result is y) for `device_type`'s autocast
+    dispatch key.
 
     Why a rule at all: a custom op is not autocast-aware, and autocast can hand the scan `u` and
     `delta` in different dtypes (one made by a matmul or conv in the low-precision dtype, the other
     by a float32-policy op), which the op refuses outside autocast. The rule never casts down: it
     runs the op with autocast off, so the math stays float32 (float64 for float64 `u`) and `y` comes
     back in `u`'s dtype, exactly as outside autocast. Only where `u` and `delta` differ are both
-    upcast to the math dtype first (exact) and `y` cast back to `u`'s dtype, which is also what
-    the VMeanba rewrite (passes/reduced_scan.py) returns for the same call.
+    upcast to the math dtype first (exact) and `y` cast back to `u`'s dtype.
     """
 
-    def kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    def kernel(u, delta, *args, **kwargs):
         # (the dispatcher leaves out trailing arguments that have their default values)
         with torch.autocast(device_type, enabled=False):
             mixed = u.dtype != delta.dtype and u.dtype in FLOAT_DTYPES and delta.dtype in FLOAT_DTYPES
             if not mixed:
-                return torch.ops.vmeanba.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+                return op(u, delta, *args, **kwargs)
             math = compute_dtype_for(u)
-            y, last_state = torch.ops.vmeanba.selective_scan(
-                u.to(math), delta.to(math), A, B, C, D, z, delta_bias, delta_softplus
-            )
+            y, last_state = op(u.to(math), delta.to(math), *args, **kwargs)
             return y.to(u.dtype), last_state
 
     return kernel
 
 
+AUTOCAST_KEYS = (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"))
 _autocast_library = torch.library.Library("vmeanba", "IMPL")
-for _device_type, _dispatch_key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-    _autocast_library.impl("selective_scan", _autocast_rule(_device_type), _dispatch_key)
+for _device_type, _dispatch_key in AUTOCAST_KEYS:
+    _autocast_library.impl("selective_scan", autocast_rule(_device_type, torch.ops.vmeanba.selective_scan),
+                           _dispatch_key)
 
 
 def selective_scan(

@@ -1,0 +1,64 @@
+"""Fused CPU kernel of a reduced scan site: `reduced_scan_cpu.c`, split over threads.
+
+The work items are the (batch row, group) pairs: each reads its group's channels once and writes
+them once, and items share nothing, so they are cut into one contiguous block per thread
+(`torch.get_num_threads()`, as the full scan's kernel does). Math is float32 (float64 for float64
+inputs); inputs in other dtypes or layouts are converted to the contiguous math-dtype layout the
+kernel reads (a no-op for the float32 contiguous tensors a compiled model passes).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..scan_schema import compute_dtype_for, validate_scan_args
+from .native_build import load_kernels
+from .reduced_scan import check_reduction
+from .scan_cpu import kernel_layout, run_blocks, work_blocks
+
+
+def forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    groups: int,
+    dt_mode: str,
+    skip_mode: str,
+) -> tuple[Tensor, Tensor]:
+    """(y in u's dtype, last state (batch, dim, N) in the math dtype), as
+    `reduced_scan.reduced_scan_reference` returns them."""
+    shape = validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    check_reduction(shape, groups, dt_mode, skip_mode)
+    math = compute_dtype_for(u)
+    y = torch.empty(shape.batch, shape.dim, shape.length, dtype=math)
+    last_state = torch.empty(shape.batch, shape.dim, shape.state, dtype=math)
+    if y.numel() == 0 and last_state.numel() == 0:
+        return y.to(u.dtype), last_state
+    u_k, delta_k, A_k, D_k, z_k, bias_k = (
+        None if t is None else t.to(math).contiguous() for t in (u, delta, A, D, z, delta_bias)
+    )
+    B_k, B_s = kernel_layout(B, shape.b_form, shape, math)
+    C_k, C_s = kernel_layout(C, shape.c_form, shape, math)
+    lib = load_kernels("double" if math == torch.float64 else "float")
+    flags = (int(delta_softplus), int(dt_mode == "raw"), int(skip_mode == "mean"))
+    sizes = (shape.batch, shape.dim, shape.state, shape.length, groups)
+
+    def args_for(worker: int, begin: int, end: int):
+        return (
+            u_k.data_ptr(), delta_k.data_ptr(), A_k.data_ptr(),
+            B_k.data_ptr(), *B_s, C_k.data_ptr(), *C_s,
+            *(None if t is None else t.data_ptr() for t in (D_k, z_k, bias_k)), *flags,
+            y.data_ptr(), last_state.data_ptr(), *sizes, begin, end,
+        )
+
+    run_blocks(lib.reduced_scan_forward, work_blocks(shape.batch * groups), args_for)
+    return y.to(u.dtype), last_state
