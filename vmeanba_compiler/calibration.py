@@ -60,14 +60,27 @@ class _SiteObserver(nn.Module):
                 self.stats[running] = SiteStats()
             site_id = running
         y, last_state = torch.ops.vmeanba.selective_scan(**scan_args)
-        if not self.recording and self.reduced_site != site_id:
+        reducing = self.reduced_site == site_id
+        if not self.recording and not reducing:
             return y, last_state
-        reduced = reduced_selective_scan(
-            **scan_args, groups=groups, dt_mode=self.dt_mode, skip_mode=self.skip_mode
-        )
+        modes = {"groups": groups, "dt_mode": self.dt_mode, "skip_mode": self.skip_mode}
         if self.recording:
-            self._record(site_id, groups, scan_args["u"], y, reduced[0])
-        return reduced if self.reduced_site == site_id else (y, last_state)
+            measured = self._approximated_part(scan_args)
+            full = y if measured is scan_args else torch.ops.vmeanba.selective_scan(**measured)[0]
+            self._record(site_id, groups, scan_args["u"], full, reduced_selective_scan(**measured, **modes)[0])
+        return reduced_selective_scan(**scan_args, **modes) if reducing else (y, last_state)
+
+    def _approximated_part(self, scan_args: dict[str, Any]) -> dict[str, Any]:
+        """The arguments whose output the statistics describe: what the rewrite approximates.
+
+        Under skip_mode "exact" the rewrite keeps D*u per channel, exactly, so a large skip term
+        would only dilute the variance ratio and the relative error (both divide by the output's
+        square): the site is measured without D (the gate stays, it multiplies the approximated
+        part). Under "mean" D is averaged too, so the whole output is measured.
+        """
+        if self.skip_mode != "exact" or scan_args.get("D") is None:
+            return scan_args
+        return {**scan_args, "D": None}
 
     def _record(self, site_id: str, groups: int, u: Tensor, y: Tensor, y_reduced: Tensor) -> None:
         for name, t in (("input u", u), ("output", y)):
