@@ -37,7 +37,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
              "vmeanba_compiler.calibration", "vmeanba_compiler.explain", "vmeanba_compiler.budget",
              "vmeanba_compiler.evaluation", "vmeanba_compiler.rankings", "vmeanba_compiler.distributed",
              "vmeanba_compiler.pruning", "vmeanba_compiler.threads", "vmeanba_compiler.models",
-             "vmeanba_compiler.models.*")),
+             "vmeanba_compiler.models.*", "vmeanba_compiler.export")),
+    # deployment: the op library's C functions, AOTInductor packages that call them, the C++ runner
+    ("deploy", ("vmeanba_compiler.deploy", "vmeanba_compiler.deploy.*")),
     # what is built on the API: the CLI and its commands, the demo, benchmarks, test helpers
     ("tools", ("vmeanba_compiler.cli", "vmeanba_compiler.commands", "vmeanba_compiler.demo",
                "vmeanba_compiler.experiments", "vmeanba_compiler.training", "vmeanba_compiler.digits",

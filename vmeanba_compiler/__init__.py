@@ -3,7 +3,8 @@
 `torch.compile(model, backend="vmeanba")` works without importing this package (the backend is
 registered through the `torch_dynamo_backends` entry point). Importing it gives the drop-in
 selective scan, calibration (in one process or across torch.distributed ranks), profiles, `explain`, selection for an accuracy budget
-(`select_for_budget`), accuracy-vs-K curves, pruning, and the reference VMamba models.
+(`select_for_budget`), accuracy-vs-K curves, pruning, `export` of the rewritten model (packaged to
+run without Python by `vmeanba_compiler.deploy`), and the reference VMamba models.
 """
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ from .config import VMeanbaConfig
 from .distributed import calibrate_distributed, merge_across_ranks
 from .evaluation import accuracy_vs_k
 from .explain import ExplainReport, explain
+from .export import export
 from .ops import selective_scan
 from .profile import Profile, ProfileMismatchError
 from .pruning import prune_global_magnitude
@@ -30,6 +32,7 @@ __all__ = [
     "calibrate",
     "calibrate_distributed",
     "explain",
+    "export",
     "merge_across_ranks",
     "prune_global_magnitude",
     "select_for_budget",
