@@ -131,14 +131,15 @@ def _bench_args(profile_path, **flags):
     import argparse
 
     values = {"sites": None, "top_k": None, "threshold": None, "max_accuracy_drop": None, "metric": "ratio",
-              "profile": str(profile_path), "dt_mode": None, "skip_mode": None, "data": None, "labelled": False}
+              "profile": str(profile_path), "dt_mode": None, "skip_mode": None, "data": None, "labelled": False,
+              "command": "bench"}
     return argparse.Namespace(**{**values, **flags})
 
 
 def test_bench_takes_the_profiles_rewrite_modes_and_refuses_others(tmp_path):
     import torch
 
-    from vmeanba_compiler.commands import _bench_options
+    from vmeanba_compiler.commands import _selection_options
     from vmeanba_compiler.profile import SiteSignature, SiteStats
 
     sig = SiteSignature(dim=8, state=4, groups=2, b_form="grouped", c_form="grouped", has_D=True, has_z=True)
@@ -146,11 +147,11 @@ def test_bench_takes_the_profiles_rewrite_modes_and_refuses_others(tmp_path):
     stats.impact.update(torch.tensor([0.1]))
     path = Profile({"scan:0": sig}, "ab" * 32, {"scan:0": stats},
                    settings={"dt_mode": "raw", "skip_mode": "exact"}).save(tmp_path / "p.json")
-    options = _bench_options(_bench_args(path, top_k=1), model=None)
+    options = _selection_options(_bench_args(path, top_k=1), model=None)
     assert (options["dt_mode"], options["skip_mode"], options["top_k"]) == ("raw", "exact", 1)
     with pytest.raises(SystemExit, match="calibrated with dt_mode='raw' but the vmeanba options say "
                                          "dt_mode='effective'"):
-        _bench_options(_bench_args(path, top_k=1, dt_mode="effective"), model=None)
+        _selection_options(_bench_args(path, top_k=1, dt_mode="effective"), model=None)
     # named sites need no profile: an explicit mode is passed through as it is
-    assert _bench_options(_bench_args(path, sites="scan:0", dt_mode="raw"), model=None) == {
+    assert _selection_options(_bench_args(path, sites="scan:0", dt_mode="raw"), model=None) == {
         "dt_mode": "raw", "sites": ["scan:0"]}

@@ -2,6 +2,7 @@
 
 demo, train-demo, experiments: the bundled digits model (real data, shipped checkpoint).
 calibrate, report, bench: the same verbs on a user's own model and data.
+export: a model with the chosen sites rewritten, as an AOTInductor package that runs without Python.
 bench-scan: the selective-scan kernel benchmark.
 """
 
@@ -53,6 +54,17 @@ def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str], *
             default, text = None, f"{text}. Unset: as the profile was calibrated, else {field.default!r}"
         parser.add_argument(f"--{name.replace('_', '-')}", type=meta.get("type", str), choices=meta.get("choices"),
                             default=default, help=text.replace("%", "%%"))
+
+
+def _add_selection_args(parser: argparse.ArgumentParser) -> None:
+    """How `bench` and `export` choose the sites to rewrite (commands._selection_options reads them)."""
+    parser.add_argument("--profile", metavar="PROFILE", help="a profile JSON for --top-k/--threshold/--max-accuracy-drop")
+    parser.add_argument("--sites", help="comma-separated site ids, e.g. stages.0.0.op:0,stages.1.0.op:0")
+    _add_config_options(parser, ("top_k", "threshold", "metric"))
+    _add_config_options(parser, ("dt_mode", "skip_mode"), unset_modes=True)
+    parser.add_argument("--max-accuracy-drop", type=float,
+                        help="reduce the sites select_for_budget picks for this budget (a fraction)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of --max-accuracy-drop's bound")
 
 
 def _add_quiet(parser: argparse.ArgumentParser) -> None:
@@ -151,18 +163,35 @@ def _user_model_commands(sub) -> None:
     )
     _add_model_args(bench, data_required=False)
     bench.add_argument("--input-shape", help="time random inputs of this shape instead of --data, e.g. 64,1,8,8")
-    bench.add_argument("--profile", metavar="PROFILE", help="a profile JSON for --top-k/--threshold/--max-accuracy-drop")
-    bench.add_argument("--sites", help="comma-separated site ids, e.g. stages.0.0.op:0,stages.1.0.op:0")
-    _add_config_options(bench, ("top_k", "threshold", "metric"))
-    _add_config_options(bench, ("dt_mode", "skip_mode"), unset_modes=True)
-    bench.add_argument("--max-accuracy-drop", type=float,
-                       help="reduce the sites select_for_budget picks for this budget (a fraction)")
-    bench.add_argument("--confidence", type=float, default=0.95, help="confidence of --max-accuracy-drop's bound")
+    _add_selection_args(bench)
     bench.add_argument("--repeats", type=int, default=20, help="timed runs per backend")
     bench.add_argument("--threads", type=int, help="torch threads while compiling and timing (default: torch's)")
     bench.add_argument("--seed", type=int, default=0, help="seed of --input-shape's random inputs")
     bench.add_argument("--out", default="results/cpu/model_bench.json", help="where to write the JSON")
     _add_quiet(bench)
+
+
+def _export_command(sub) -> None:
+    export = sub.add_parser(
+        "export", formatter_class=_FORMATTER,
+        help="export a model with the chosen sites rewritten as an AOTInductor package that runs without Python",
+        description="vmeanba_compiler.export (torch.export with the backend's selection and rewrite), then an "
+        "AOTInductor package whose scan calls go to the vmeanba op library's C functions. Writes --out and, next to "
+        "it, libvmeanba_ops.so (load it before the package); with --runner also the C++ runner vmeanba-runner. "
+        "Choose sites with exactly one of --sites, --top-k, --threshold (the last two with --profile) or "
+        "--max-accuracy-drop (with --profile and --labelled --data). See docs/DEPLOY.md.",
+    )
+    _add_model_args(export, data_required=False)
+    export.add_argument("--input-shape", help="export with random example inputs of this shape instead of --data's "
+                        "first batch, e.g. 2,1,8,8")
+    export.add_argument("--dynamic-batch", action="store_true",
+                        help="let the package take any batch size (dimension 0 of every input; the example batch "
+                        "must then be at least 2)")
+    _add_selection_args(export)
+    export.add_argument("--runner", action="store_true", help="also write the C++ runner next to the package")
+    export.add_argument("--seed", type=int, default=0, help="seed of --input-shape's random inputs")
+    export.add_argument("--out", default="model.pt2", help="where to write the package")
+    _add_quiet(export)
 
 
 def _scan_bench_command(sub) -> None:
@@ -192,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _digits_commands(sub)
     _user_model_commands(sub)
+    _export_command(sub)
     _scan_bench_command(sub)
     return parser
 
@@ -209,6 +239,8 @@ def _handler(command: str):
         from .commands import report_main as main
     elif command == "bench":
         from .commands import bench_main as main
+    elif command == "export":
+        from .commands import export_main as main
     else:
         from .bench.scan_cpu import main
     return main

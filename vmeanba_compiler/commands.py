@@ -1,8 +1,9 @@
-"""`vmeanba calibrate`, `vmeanba report` and `vmeanba bench`: the library's verbs on a user's own
-model and data (specs and checkpoints as `vmeanba_compiler.loading` reads them)."""
+"""`vmeanba calibrate`, `vmeanba report`, `vmeanba bench` and `vmeanba export`: the library's verbs on a
+user's own model and data (specs and checkpoints as `vmeanba_compiler.loading` reads them)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +71,18 @@ def report_main(args) -> int:
     return 0
 
 
-def _bench_inputs(args) -> Any:
+def _example_inputs(args) -> Any:
     if args.data is not None:
         first = load_batches(args.data)[0]
         return first[0] if args.labelled else first
     if args.input_shape is None:
-        raise SystemExit("give --data module:function (its first batch is timed) or --input-shape, e.g. 64,1,8,8")
+        raise SystemExit("give --data module:function (its first batch is used) or --input-shape, e.g. 64,1,8,8")
     shape = [int(x) for x in args.input_shape.split(",")]
     return torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
 
 
-def _bench_options(args, model) -> dict[str, Any]:
+def _selection_options(args, model) -> dict[str, Any]:
+    """The backend options of the sites chosen by --sites, --top-k, --threshold or --max-accuracy-drop."""
     chosen = [flag for flag, value in (("--sites", args.sites), ("--top-k", args.top_k),
                                        ("--threshold", args.threshold),
                                        ("--max-accuracy-drop", args.max_accuracy_drop)) if value is not None]
@@ -98,7 +100,7 @@ def _bench_options(args, model) -> dict[str, Any]:
     try:  # refuse modes other than the profile's before any work
         VMeanbaConfig(profile=profile, **modes)
     except ProfileMismatchError as error:
-        raise SystemExit(f"vmeanba bench: {error}") from None
+        raise SystemExit(f"vmeanba {args.command}: {error}") from None
     if args.top_k is not None:
         return {"profile": profile, "top_k": args.top_k, **modes}
     if args.threshold is not None:
@@ -115,8 +117,8 @@ def _bench_options(args, model) -> dict[str, Any]:
 
 def bench_main(args) -> int:
     model = load_model(args.model, args.checkpoint)
-    options = _bench_options(args, model)
-    result = bench_model(model, _bench_inputs(args), options, repeats=args.repeats, threads=args.threads)
+    options = _selection_options(args, model)
+    result = bench_model(model, _example_inputs(args), options, repeats=args.repeats, threads=args.threads)
     write_json(Path(args.out), result)
     timings = result["results"]
     print(format_table(
@@ -125,4 +127,41 @@ def bench_main(args) -> int:
           f"{timings['inductor']['median_ms'] / t['median_ms']:.2f}x"] for name, t in timings.items()],
     ))
     print(f"median of {args.repeats} interleaved runs on {result['threads']} thread(s); wrote {args.out}")
+    return 0
+
+
+def _export_arguments(inputs: Any, dynamic_batch: bool) -> tuple[tuple, dict, Any]:
+    """(args, kwargs, dynamic_shapes) for `export` from one batch of inputs; with `dynamic_batch`,
+    dimension 0 of every tensor input is one dynamic size."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    if not dynamic_batch:
+        return args, kwargs, None
+    batch = torch.export.Dim("batch")
+
+    def spec(value: Any) -> Any:
+        return {0: batch} if isinstance(value, torch.Tensor) else None
+
+    dynamic = {name: spec(value) for name, value in kwargs.items()} if kwargs else tuple(map(spec, args))
+    return args, kwargs, dynamic
+
+
+def export_main(args) -> int:
+    from .deploy import op_library, package, runner
+    from .export import export
+
+    model = load_model(args.model, args.checkpoint)
+    options = _selection_options(args, model)
+    positional, keywords, dynamic_shapes = _export_arguments(_example_inputs(args), args.dynamic_batch)
+    program = export(model, positional, keywords, dynamic_shapes=dynamic_shapes, **options)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = [package.package(program, out)]
+    written.append(Path(shutil.copy2(op_library.build(), out.parent / op_library.LIBRARY_FILE)))
+    if args.runner:
+        written.append(Path(shutil.copy2(runner.build(), out.parent / runner.RUNNER_FILE)))
+    print(f"wrote {', '.join(map(str, written))}")
+    print(f"run it: {out.parent / runner.RUNNER_FILE} {out} inputs.pt outputs.pt "
+          f"--op-library {out.parent / op_library.LIBRARY_FILE}  (inputs.pt: torch.save([x], 'inputs.pt'))")
     return 0
