@@ -77,7 +77,7 @@ def _step(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool, math: tor
     """(dt, delta + bias) per channel in the math dtype."""
     raw = delta.to(math)
     if delta_bias is not None:
-        raw = raw + delta_bias.to(math)[:, None]
+        raw = raw + delta_bias.to(math).unsqueeze(-1)
     return (F.softplus(raw) if softplus else raw), raw
 
 
@@ -112,7 +112,7 @@ def reduced_scan_composed(
     y = expand(y_r, shape.dim)
     if skip_mode == "exact":
         if D is not None:
-            y = y + D.to(math)[:, None] * u.to(math)
+            y = y + D.to(math).unsqueeze(-1) * u.to(math)
         if z is not None:
             y = y * F.silu(z.to(math))
     return y.to(u.dtype), expand(h_r, shape.dim)
@@ -144,31 +144,30 @@ def reduced_scan_backward(
     width = dim // groups
     reduced = _reduced_arguments(u, delta, A, B, C, D, z, delta_bias, delta_softplus, groups, dt_mode, skip_mode)
     g = grad_y.to(math)
-    g_D = g_z = None
-    g_u = torch.zeros((), dtype=math, device=u.device)
+    g_D = g_z = g_u = None
     if skip_mode == "exact":
         u_m = u.to(math)
         if z is not None:  # y = pre * silu(z), pre = expand(y_r) + D*u
             z_m = z.to(math)
             pre = expand(scan(*reduced)[0], dim)
             if D is not None:
-                pre = pre + D.to(math)[:, None] * u_m
+                pre = pre + D.to(math).unsqueeze(-1) * u_m
             sig = torch.sigmoid(z_m)
             g_z = g * pre * sig * (1 + z_m * (1 - sig))
             g = g * z_m * sig
         if D is not None:
             g_D = (g * u_m).sum((0, 2))
-            g_u = g * D.to(math)[:, None]
+            g_u = g * D.to(math).unsqueeze(-1)
     g_last = None if grad_last_state is None else group_sum(grad_last_state.to(math), groups, 1).contiguous()
     g_ur, g_dtr, g_Ar, g_Br, g_Cr, g_Dr, g_zr, g_biasr = scan_backward(
         group_sum(g, groups, 1).contiguous(), g_last, *reduced
     )
-    g_u = g_u + expand(g_ur, dim) / width
+    g_u = expand(g_ur, dim) / width if g_u is None else g_u + expand(g_ur, dim) / width
     g_delta = expand(g_dtr, dim) / width
     if dt_mode == "effective":
         if delta_softplus:
             raw = _step(delta, delta_bias, False, math)[1]
-            g_delta = g_delta * torch.where(raw > SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(raw))
+            g_delta = g_delta * torch.sigmoid(raw).masked_fill(raw > SOFTPLUS_THRESHOLD, 1.0)
         g_bias = g_delta.sum((0, 2))
     else:
         g_bias = None if delta_bias is None else expand(g_biasr, dim, 0) / width

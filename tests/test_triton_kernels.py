@@ -196,14 +196,39 @@ def test_every_kernel_config_compiles_for_sm90(variant: str, monkeypatch) -> Non
 
 
 class _ScanCall(torch.nn.Module):
+    OP = "vmeanba.selective_scan"
+
     def forward(self, u, delta, A, B, C, D, delta_bias):
         return torch.ops.vmeanba.selective_scan(u, delta, A, B, C, D, None, delta_bias, True)
 
 
 class _ScanBackwardCall(torch.nn.Module):
+    OP = "vmeanba.selective_scan_backward"
+
     def forward(self, grad_y, u, delta, A, B, C, D, delta_bias):
         grads = torch.ops.vmeanba.selective_scan_backward(grad_y, None, u, delta, A, B, C, D, None, delta_bias, True)
         return tuple(grads)
+
+
+class _ReducedCall(torch.nn.Module):
+    OP = "vmeanba.reduced_selective_scan"
+
+    def forward(self, u, delta, A, B, C, D, delta_bias):
+        return torch.ops.vmeanba.reduced_selective_scan(u, delta, A, B, C, D, None, delta_bias, True, groups=4)
+
+
+class _ReducedBackwardCall(_ScanBackwardCall):
+    OP = "vmeanba.reduced_selective_scan_backward"
+
+    def forward(self, grad_y, u, delta, A, B, C, D, delta_bias):
+        grads = torch.ops.vmeanba.reduced_selective_scan_backward(
+            grad_y, None, u, delta, A, B, C, D, None, delta_bias, True, 4, "effective", "exact"
+        )
+        return tuple(grads)
+
+
+_DISPATCHED = [_ScanCall(), _ScanBackwardCall(), _ReducedCall(), _ReducedBackwardCall()]
+_DISPATCHED_IDS = ["forward_op", "backward_op", "reduced_op", "reduced_backward_op"]
 
 
 def _functional_graph_targets(module: torch.nn.Module, device: str) -> list[str]:
@@ -223,7 +248,7 @@ def _functional_graph_targets(module: torch.nn.Module, device: str) -> list[str]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="kernels are interpreted functions in this process")
-@pytest.mark.parametrize("module", [_ScanCall(), _ScanBackwardCall()], ids=["forward_op", "backward_op"])
+@pytest.mark.parametrize("module", _DISPATCHED, ids=_DISPATCHED_IDS)
 def test_cuda_calls_trace_into_triton_launches(module: torch.nn.Module) -> None:
     # Without a driver Triton cannot analyse which arguments a kernel writes and torch logs a
     # warning, assuming all; the traced graph is what is checked here.
@@ -232,10 +257,11 @@ def test_cuda_calls_trace_into_triton_launches(module: torch.nn.Module) -> None:
     assert not any(target.startswith("vmeanba.") for target in targets), targets
 
 
-@pytest.mark.parametrize("module", [_ScanCall(), _ScanBackwardCall()], ids=["forward_op", "backward_op"])
+@pytest.mark.parametrize("module", _DISPATCHED, ids=_DISPATCHED_IDS)
 def test_cpu_calls_keep_the_op_as_one_node(module: torch.nn.Module) -> None:
     targets = _functional_graph_targets(module, "cpu")
-    assert sum(target.startswith("vmeanba.selective_scan") for target in targets) == 1, targets
+    assert sum(target.startswith("vmeanba.") for target in targets) == 1, targets
+    assert any(target.startswith(module.OP + ".") for target in targets), targets
     assert "triton_kernel_wrapper_functional" not in targets, targets
 
 
