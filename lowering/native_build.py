@@ -120,7 +120,8 @@ _PTR, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 _PROJ = [_PTR, _I64, _I64, _I64, _I64]  # pointer, batch/group/time strides, channels per group
 _FORWARD_ARGS = [_PTR] * 3 + _PROJ * 2 + [_PTR] * 3 + [_I32] + [_PTR] * 3 + [_I64] * 6
 _BACKWARD_ARGS = [_PTR] * 5 + _PROJ * 2 + [_PTR] * 3 + [_I32] + [_PTR] * 9 + [_I64] * 6
-_REDUCED_ARGS = [_PTR] * 3 + _PROJ * 2 + [_PTR] * 3 + [_I32] * 3 + [_PTR] * 2 + [_I64] * 7
+_STRIDED_PROJ = [_PTR, _I64, _I64, _I64, _I64, _I64]  # pointer, batch/group/state/time strides, channels per group
+_REDUCED_ARGS = [_PTR] * 3 + _STRIDED_PROJ * 2 + [_PTR] * 3 + [_I32] * 3 + [_PTR] * 2 + [_I64] * 7
 
 
 @lru_cache(maxsize=None)

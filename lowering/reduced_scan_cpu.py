@@ -4,7 +4,8 @@ The work items are the (batch row, group) pairs: each reads its group's channels
 them once, and items share nothing, so they are cut into one contiguous block per thread
 (`torch.get_num_threads()`, as the full scan's kernel does). Math is float32 (float64 for float64
 inputs); inputs in other dtypes or layouts are converted to the contiguous math-dtype layout the
-kernel reads (a no-op for the float32 contiguous tensors a compiled model passes).
+kernel reads (a no-op for the float32 contiguous tensors a compiled model passes); B and C are
+read in place through their strides.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..scan_schema import compute_dtype_for, validate_scan_args
+from ..scan_schema import compute_dtype_for, projection_strides, validate_scan_args
 from .native_build import load_kernels
 from .reduced_scan import check_reduction
-from .scan_cpu import kernel_layout, run_blocks, work_blocks
+from .scan_cpu import run_blocks, work_blocks
 
 
 def forward(
@@ -46,8 +47,9 @@ def forward(
     u_k, delta_k, A_k, D_k, z_k, bias_k = (
         None if t is None else t.to(math).contiguous() for t in (u, delta, A, D, z, delta_bias)
     )
-    B_k, B_s = kernel_layout(B, shape.b_form, shape, math)
-    C_k, C_s = kernel_layout(C, shape.c_form, shape, math)
+    # B and C are read in place through their strides (only a dtype change copies them).
+    B_k, C_k = B.to(math), C.to(math)
+    B_s, C_s = projection_strides(B_k, shape.b_form, shape.dim), projection_strides(C_k, shape.c_form, shape.dim)
     lib = load_kernels("double" if math == torch.float64 else "float")
     flags = (int(delta_softplus), int(dt_mode == "raw"), int(skip_mode == "mean"))
     sizes = (shape.batch, shape.dim, shape.state, shape.length, groups)

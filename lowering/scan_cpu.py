@@ -41,7 +41,7 @@ def run_blocks(kernel: Callable, blocks: Sequence[tuple[int, int]], args_for: Ca
         future.result()
 
 
-def kernel_layout(proj: Tensor, form: ProjectionForm, shape: ScanShape, math: torch.dtype):
+def _kernel_layout(proj: Tensor, form: ProjectionForm, shape: ScanShape, math: torch.dtype):
     """B or C with the state axis last and contiguous, plus the kernel's (sb, sg, st, cpg)."""
     n, length = shape.state, shape.length
     if form is ProjectionForm.FIXED:  # (dim, N): same row at every batch and time
@@ -67,8 +67,8 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
     shape = validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
     math = compute_dtype_for(u)
     dense = [None if t is None else t.to(math).contiguous() for t in (u, delta, A, D, z, delta_bias)]
-    B_k, B_strides = kernel_layout(B, shape.b_form, shape, math)
-    C_k, C_strides = kernel_layout(C, shape.c_form, shape, math)
+    B_k, B_strides = _kernel_layout(B, shape.b_form, shape, math)
+    C_k, C_strides = _kernel_layout(C, shape.c_form, shape, math)
     lib = load_kernels("double" if math == torch.float64 else "float")
     return shape, math, lib, dense, (B_k, B_strides), (C_k, C_strides)
 
