@@ -90,6 +90,20 @@ def test_long_sequences_carry_the_state_across_time_chunks(dt_mode: str, skip_mo
         _assert_matches_oracles(x, modes, *REDUCED_OP(*x.args(), **modes))
 
 
+def test_projections_are_read_in_place_whatever_their_strides() -> None:
+    x = _inputs(20, torch.float32, b_form="grouped", c_form="shared")
+    expected = REDUCED_OP(*x.args(), groups=3)
+    transposed = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (x.B, x.C)]
+    broadcast = [x.B[:1].expand_as(x.B), x.C[:1].expand_as(x.C)]  # batch stride 0
+    for B, C in (transposed, broadcast):
+        args = list(x.args())
+        args[3:5] = B, C
+        reference = REDUCED_OP(*[a.contiguous() if isinstance(a, Tensor) else a for a in args], groups=3)
+        actual = REDUCED_OP(*args, groups=3)
+        assert torch.equal(actual[0], reference[0]) and torch.equal(actual[1], reference[1])
+    assert torch.equal(REDUCED_OP(*x.args()[:3], *transposed, *x.args()[5:], groups=3)[0], expected[0])
+
+
 def test_result_does_not_depend_on_the_thread_split() -> None:
     x = _inputs(40, torch.float32, b_form="shared", c_form="grouped")
     previous = torch.get_num_threads()
