@@ -31,6 +31,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmeanba_compiler.rewrite_modes import REWRITE_SETTINGS
 from vmeanba_compiler.scan_schema import compute_dtype_for
 from vmeanba_compiler.testing import MODEL_TOLERANCES, ScanInputs, scan_inputs, site_groups
 
@@ -316,7 +317,8 @@ def test_gpu_fused_site_matches_reduced_scan(x: ScanInputs, data: st.DataObject)
 
     dim, base = x.u.shape[1], site_groups(x)
     groups = data.draw(st.sampled_from([g for g in range(base, dim + 1, base) if dim % g == 0]), label="groups")
-    triton_checks.assert_fused_matches_reduced_site(x, groups, "cuda")
+    modes = [data.draw(st.sampled_from(choices), label=name) for name, choices in REWRITE_SETTINGS.items()]
+    triton_checks.assert_fused_matches_reduced_site(x, groups, "cuda", *modes)
 
 
 @pytest.mark.gpu
