@@ -183,12 +183,14 @@ def test_every_kernel_config_compiles_for_sm90(variant: str, monkeypatch) -> Non
         scan_triton.forward(*x.args())
         scan_triton.backward(x.u, grad_last, *x.args())
         vmeanba_triton.fused_reduced_scan(*x.args(), 4)
+        vmeanba_triton.fused_reduced_scan(*x.args(), 4, dt_mode="raw", skip_mode="mean")
 
     launches = _recorded_launches(monkeypatch, call)
-    assert len(launches) == 3
-    for kernel, args, kwargs in launches:
-        # All configs once; the other variants check the compile-time branches with one config.
-        configs = kernel.configs if variant == "float32-all-arguments" else kernel.configs[:1]
+    assert len(launches) == 4
+    for index, (kernel, args, kwargs) in enumerate(launches):
+        # All configs once; the other variants (and the other modes) check the compile-time
+        # branches with one config.
+        configs = kernel.configs if variant == "float32-all-arguments" and index < 3 else kernel.configs[:1]
         for config in configs:
             _compile_for_sm90(kernel, args, kwargs, config)
 
