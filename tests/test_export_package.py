@@ -235,3 +235,16 @@ def test_op_library_build_is_cached_under_a_content_key():
     path = op_library.build()
     assert path.exists() and path.name == op_library.LIBRARY_FILE and path == op_library.library_path()
     assert path.parent.name.startswith("oplib-")
+
+
+def test_a_kernel_whose_signature_drifts_from_the_op_library_does_not_build(tmp_path):
+    """The kernels are compiled with kernel_abi.h force-included: a definition that no longer matches
+    what the op library calls is a compile error, not a call with the wrong arguments."""
+    from vmeanba_compiler.lowering import native_build
+
+    drifted = tmp_path / "drifted.c"
+    drifted.write_text("void scan_forward(const float *u, const float *delta) { (void)u; (void)delta; }\n")
+    done = subprocess.run([native_build._compiler(), *op_library._kernel_flags("float"), "-c", str(drifted), "-o",
+                           str(tmp_path / "drifted.o")], capture_output=True, text=True)
+    assert done.returncode != 0 and "conflicting types" in done.stderr and "vmeanba_scan_forward_float" in done.stderr
+    assert op_library.build().exists()  # control: the real kernels build with the same flags

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 LIBRARY_NAME = "vmeanba_ops"  # -l name: the file is lib<name>.so
 LIBRARY_FILE = f"lib{LIBRARY_NAME}.so"
 _SOURCE = Path(__file__).with_name("vmeanba_ops.cpp")
+_KERNEL_ABI = Path(__file__).with_name("kernel_abi.h")
 _LOWERING = Path(native_build.__file__).parent
 # The C kernel sources compiled into the library, and their entry points: each precision's copy
 # gets its own names (vmeanba_<entry>_<real>), as vmeanba_ops.cpp declares them.
@@ -123,7 +124,7 @@ def torch_paths() -> tuple[Path, Path]:
 
 def _kernel_flags(real: str) -> list[str]:
     renames = [f"-D{entry}=vmeanba_{entry}_{real}" for entry in _KERNEL_ENTRIES]
-    return [*native_build._flags(real), *renames, f"-I{_LOWERING}"]
+    return [*native_build._flags(real), *renames, f"-I{_LOWERING}", "-include", str(_KERNEL_ABI)]
 
 
 def library_path() -> Path:
@@ -131,7 +132,7 @@ def library_path() -> Path:
     include, _ = torch_paths()
     cc, cxx = native_build._compiler(), cxx_compiler()
     parts = [
-        _SOURCE.read_text(), _header(),
+        _SOURCE.read_text(), _KERNEL_ABI.read_text(), _header(),
         *(p.read_text() for p in sorted(_LOWERING.glob("*.h"))),
         *((_LOWERING / s).read_text() for s in _KERNEL_SOURCES),
         native_build._compiler_identity(cc), native_build._compiler_identity(cxx),
@@ -168,7 +169,8 @@ def build() -> Path:
                 _run([cc, *_kernel_flags(real), "-c", str(_LOWERING / source), "-o", str(obj)])
                 objects.append(str(obj))
         wrapper = work / "vmeanba_ops.o"
-        _run([cxx, *_CXX_FLAGS, f"-I{work}", f"-I{include}", "-c", str(_SOURCE), "-o", str(wrapper)])
+        _run([cxx, *_CXX_FLAGS, f"-I{work}", f"-I{_SOURCE.parent}", f"-I{include}", "-c", str(_SOURCE), "-o",
+              str(wrapper)])
         lib = work / LIBRARY_FILE
         _run([cxx, "-shared", "-fopenmp", str(wrapper), *objects, "-o", str(lib), f"-Wl,-soname,{LIBRARY_FILE}",
               f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch_cpu", "-lc10", "-lm"])

@@ -28,27 +28,7 @@
 #include <utility>
 #include <vector>
 
-#define VMEANBA_SCAN_FORWARD_ARGS(real)                                                             \
-  const real *u, const real *delta, const real *A, const real *B, int64_t B_sb, int64_t B_sg,       \
-      int64_t B_st, int64_t B_cpg, const real *C, int64_t C_sb, int64_t C_sg, int64_t C_st,         \
-      int64_t C_cpg, const real *D, const real *z, const real *bias, int32_t softplus, real *y,     \
-      real *last_state, real *scratch, int64_t batch, int64_t dim, int64_t N, int64_t L,            \
-      int64_t c_begin, int64_t c_end
-
-#define VMEANBA_REDUCED_FORWARD_ARGS(real)                                                          \
-  const real *u, const real *delta, const real *A, const real *B, int64_t B_sb, int64_t B_sg,       \
-      int64_t B_st, int64_t B_cpg, const real *C, int64_t C_sb, int64_t C_sg, int64_t C_st,         \
-      int64_t C_cpg, const real *D, const real *z, const real *bias, int32_t softplus, int32_t dt_raw, \
-      int32_t skip_mean, real *y, real *last_state, int64_t batch, int64_t dim, int64_t N, int64_t L,  \
-      int64_t groups, int64_t item_begin, int64_t item_end
-
-// The entry points of lowering/selective_scan_cpu.c and lowering/reduced_scan_cpu.c, one copy per precision.
-extern "C" {
-void vmeanba_scan_forward_float(VMEANBA_SCAN_FORWARD_ARGS(float));
-void vmeanba_scan_forward_double(VMEANBA_SCAN_FORWARD_ARGS(double));
-void vmeanba_reduced_scan_forward_float(VMEANBA_REDUCED_FORWARD_ARGS(float));
-void vmeanba_reduced_scan_forward_double(VMEANBA_REDUCED_FORWARD_ARGS(double));
-}
+#include "kernel_abi.h"
 
 namespace {
 
@@ -125,29 +105,29 @@ Handle empty(const std::vector<int64_t>& sizes, int32_t dtype) {
   return Handle::own(out);
 }
 
-// `t` as a contiguous tensor of `dtype`, with its last two axes swapped when `swap_last` (B and C
-// are read with the state axis last). Borrowed when it already is one, else a copy.
-Handle dense(AtenTensorHandle t, int32_t dtype, bool swap_last = false) {
-  std::vector<int64_t> sizes = sizes_of(t), strides = strides_of(t);
-  if (swap_last) {
-    std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
-    std::swap(strides[strides.size() - 1], strides[strides.size() - 2]);
-  }
-  bool usable = dtype_of(t) == dtype && strides == contiguous_strides(sizes);
-  if (usable) return Handle::borrow(t);
-  Handle view;
-  if (swap_last) {
-    int64_t offset = 0;
-    AtenTensorHandle v = nullptr;
-    check(aoti_torch_get_storage_offset(t, &offset), "get_storage_offset");
-    check(aoti_torch__reinterpret_tensor(t, static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
-                                         offset, &v),
-          "_reinterpret_tensor");
-    view = Handle::own(v);
-  }
+// `t` as a contiguous tensor of `dtype`: itself when it already is one, else a copy.
+Handle dense(Handle t, int32_t dtype) {
+  std::vector<int64_t> sizes = sizes_of(t.get());
+  if (dtype_of(t.get()) == dtype && strides_of(t.get()) == contiguous_strides(sizes)) return t;
   Handle copy = empty(sizes, dtype);
-  check(aoti_torch_copy_(copy.get(), swap_last ? view.get() : t, 0), "copy_");
+  check(aoti_torch_copy_(copy.get(), t.get(), 0), "copy_");
   return copy;
+}
+
+Handle dense(AtenTensorHandle t, int32_t dtype) { return dense(Handle::borrow(t), dtype); }
+
+// A view of `t` with its last two axes swapped.
+Handle swap_last_axes(AtenTensorHandle t) {
+  std::vector<int64_t> sizes = sizes_of(t), strides = strides_of(t);
+  std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
+  std::swap(strides[strides.size() - 1], strides[strides.size() - 2]);
+  int64_t offset = 0;
+  AtenTensorHandle view = nullptr;
+  check(aoti_torch_get_storage_offset(t, &offset), "get_storage_offset");
+  check(aoti_torch__reinterpret_tensor(t, static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), offset,
+                                       &view),
+        "_reinterpret_tensor");
+  return Handle::own(view);
 }
 
 template <typename real>
@@ -157,31 +137,50 @@ real* data(const Handle& t) {
   return static_cast<real*>(ptr);
 }
 
-// B or C in the kernel's layout and its (batch, group, time strides, channels per group), as
-// lowering/scan_cpu.py's _kernel_layout: fixed (dim, N), shared (batch, N, L), grouped (batch, G, N, L).
+// B or C as a kernel reads it. Forms (docs/DESIGN.md section 1): fixed (dim, N), shared
+// (batch, N, L), grouped (batch, G, N, L). Element (b, channel c, n, t) is at
+// P[b*sb + (c / cpg)*sg + n*sn + t*st], as scan_schema.projection_strides describes it.
 struct Projection {
   Handle tensor;
-  int64_t sb = 0, sg = 0, st = 0, cpg = 1;
+  int64_t groups = 1;  // G of a grouped projection, else 1
+  int64_t sb = 0, sg = 0, sn = 1, st = 0, cpg = 1;
 };
 
 Projection projection(AtenTensorHandle p, int32_t math, int64_t batch, int64_t dim, int64_t N, int64_t L,
-                      const char* name) {
+                      bool state_last, const char* name) {
   std::vector<int64_t> s = sizes_of(p);
+  Projection out;
   if (s.size() == 2) {
     require(s[0] == dim && s[1] == N, std::string(name) + ": a fixed projection must be (dim, N)");
-    return {dense(p, math), 0, N, 0, 1};
-  }
-  if (s.size() == 3) {
+  } else if (s.size() == 3) {
     require(s[0] == batch && s[1] == N && s[2] == L, std::string(name) + ": a shared projection must be (batch, N, L)");
-    return {dense(p, math, true), L * N, 0, N, dim};
+    out.cpg = dim;
+  } else {
+    require(s.size() == 4 && s[0] == batch && s[1] > 0 && dim % s[1] == 0 && s[2] == N && s[3] == L,
+            std::string(name) + ": a grouped projection must be (batch, G, N, L) with G dividing dim");
+    out.groups = s[1];
+    out.cpg = dim / s[1];
   }
-  require(s.size() == 4 && s[0] == batch && s[1] > 0 && dim % s[1] == 0 && s[2] == N && s[3] == L,
-          std::string(name) + ": a grouped projection must be (batch, G, N, L) with G dividing dim");
-  return {dense(p, math, true), s[1] * L * N, L * N, N, dim / s[1]};
+  if (state_last) {
+    // The full scan's kernel reads (batch, [G,] L, N) contiguous: the state axis last.
+    out.tensor = s.size() == 2 ? dense(p, math) : dense(swap_last_axes(p), math);
+    out.sn = 1;
+    if (s.size() == 2) out.sg = N;
+    if (s.size() >= 3) out.st = N, out.sb = out.groups * L * N;
+    if (s.size() == 4) out.sg = L * N;
+  } else {
+    // The reduced site's kernel reads any strides: a copy only to change the dtype.
+    out.tensor = dtype_of(p) == math ? Handle::borrow(p) : dense(p, math);
+    std::vector<int64_t> st = strides_of(out.tensor.get());
+    if (s.size() == 2) out.sg = st[0], out.sn = st[1];
+    if (s.size() == 3) out.sb = st[0], out.sn = st[1], out.st = st[2];
+    if (s.size() == 4) out.sb = st[0], out.sg = st[1], out.sn = st[2], out.st = st[3];
+  }
+  return out;
 }
 
-// The op's inputs, checked and in the kernels' layout: math dtype (float64 for float64 u, else
-// float32), contiguous, B and C with the state axis last.
+// The op's inputs, checked and as the kernels read them: math dtype (float64 for float64 u, else
+// float32), u, delta, A, D, z, delta_bias contiguous; B and C as `projection` gives them.
 struct ScanInputs {
   int64_t batch = 0, dim = 0, N = 0, L = 0;
   int32_t u_dtype = 0, math = 0;
@@ -190,7 +189,8 @@ struct ScanInputs {
 };
 
 ScanInputs prepare(AtenTensorHandle u, AtenTensorHandle delta, AtenTensorHandle A, AtenTensorHandle B,
-                   AtenTensorHandle C, AtenTensorHandle* D, AtenTensorHandle* z, AtenTensorHandle* delta_bias) {
+                   AtenTensorHandle C, AtenTensorHandle* D, AtenTensorHandle* z, AtenTensorHandle* delta_bias,
+                   bool state_last) {
   for (AtenTensorHandle t : {u, delta, A, B, C}) {
     int32_t device = 0;
     check(aoti_torch_get_device_type(t, &device), "get_device_type");
@@ -216,8 +216,8 @@ ScanInputs prepare(AtenTensorHandle u, AtenTensorHandle delta, AtenTensorHandle 
   in.D = optional(D, {in.dim}, "D");
   in.z = optional(z, us, "z");
   in.bias = optional(delta_bias, {in.dim}, "delta_bias");
-  in.B = projection(B, in.math, in.batch, in.dim, in.N, in.L, "B");
-  in.C = projection(C, in.math, in.batch, in.dim, in.N, in.L, "C");
+  in.B = projection(B, in.math, in.batch, in.dim, in.N, in.L, state_last, "B");
+  in.C = projection(C, in.math, in.batch, in.dim, in.N, in.L, state_last, "C");
   return in;
 }
 
@@ -252,8 +252,9 @@ void reduced_scan(void (*kernel)(VMEANBA_REDUCED_FORWARD_ARGS(real)), const Scan
                   bool dt_raw, bool skip_mean, int64_t groups, const Handle& y, const Handle& last_state) {
   parallel_blocks(in.batch * groups, [&](int64_t begin, int64_t end) {  // (batch row, group) items
     kernel(data<real>(in.u), data<real>(in.delta), data<real>(in.A), data<real>(in.B.tensor), in.B.sb, in.B.sg,
-           in.B.st, in.B.cpg, data<real>(in.C.tensor), in.C.sb, in.C.sg, in.C.st, in.C.cpg, maybe<real>(in.D),
-           maybe<real>(in.z), maybe<real>(in.bias), softplus ? 1 : 0, dt_raw ? 1 : 0, skip_mean ? 1 : 0,
+           in.B.sn, in.B.st, in.B.cpg, data<real>(in.C.tensor), in.C.sb, in.C.sg, in.C.sn, in.C.st, in.C.cpg,
+           maybe<real>(in.D), maybe<real>(in.z), maybe<real>(in.bias), softplus ? 1 : 0, dt_raw ? 1 : 0,
+           skip_mean ? 1 : 0,
            data<real>(y), data<real>(last_state), in.batch, in.dim, in.N, in.L, groups, begin, end);
   });
 }
@@ -288,8 +289,7 @@ void reduced_selective_scan(const ScanInputs& in, bool softplus, int64_t groups,
   require(skip_mode == "exact" || skip_mode == "mean", "skip_mode must be 'exact' or 'mean', got '" + skip_mode + "'");
   require(groups >= 1 && in.dim % groups == 0, "groups must be a positive divisor of the channel count");
   for (const Projection* p : {&in.B, &in.C}) {
-    const int64_t proj_groups = p->st == 0 || p->sg == 0 ? 1 : in.dim / p->cpg;
-    require(groups % proj_groups == 0, "groups must be a multiple of B's and C's group counts");
+    require(groups % p->groups == 0, "groups must be a multiple of B's and C's group counts");
   }
   const bool raw = dt_mode == "raw", mean = skip_mode == "mean";
   outputs(in, [&](const Handle& y, const Handle& state) {
@@ -319,7 +319,7 @@ extern "C" AOTITorchError aoti_torch_cpu_selective_scan(AtenTensorHandle u, Aten
                                                         AtenTensorHandle* delta_bias, int32_t delta_softplus,
                                                         AtenTensorHandle* ret0, AtenTensorHandle* ret1) {
   return guarded("vmeanba::selective_scan", [&] {
-    selective_scan(prepare(u, delta, A, B, C, D, z, delta_bias), delta_softplus != 0, ret0, ret1);
+    selective_scan(prepare(u, delta, A, B, C, D, z, delta_bias, true), delta_softplus != 0, ret0, ret1);
   });
 }
 
@@ -328,7 +328,7 @@ extern "C" AOTITorchError aoti_torch_cpu_reduced_selective_scan(
     AtenTensorHandle* D, AtenTensorHandle* z, AtenTensorHandle* delta_bias, int32_t delta_softplus, int64_t groups,
     const char* dt_mode, const char* skip_mode, AtenTensorHandle* ret0, AtenTensorHandle* ret1) {
   return guarded("vmeanba::reduced_selective_scan", [&] {
-    reduced_selective_scan(prepare(u, delta, A, B, C, D, z, delta_bias), delta_softplus != 0, groups, dt_mode,
+    reduced_selective_scan(prepare(u, delta, A, B, C, D, z, delta_bias, false), delta_softplus != 0, groups, dt_mode,
                            skip_mode, ret0, ret1);
   });
 }
