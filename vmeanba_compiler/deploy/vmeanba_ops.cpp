@@ -9,13 +9,14 @@
 // One schema: the declarations this file implements are generated from the ops' schemas as Python
 // defines them (vmeanba_compiler/ops.py) into vmeanba_shims.h at build time
 // (deploy/op_library.py); a signature that disagrees with the schema does not compile. The same
-// declarations are handed to AOTInductor. One kernel: the scan arithmetic is
-// lowering/selective_scan_cpu.c, the file the Python CPU path runs, compiled here once per precision
-// with its entry points renamed (vmeanba_scan_forward_float / _double).
+// declarations are handed to AOTInductor. One kernel: the arithmetic is lowering/selective_scan_cpu.c
+// and lowering/reduced_scan_cpu.c, the files the Python CPU path runs, compiled into this library
+// once per precision with their entry points renamed (kernel_abi.h declares them).
 //
 // Only the C shim API of torch/csrc/inductor/aoti_torch/c/shim.h is used (no ATen headers), which
 // keeps the build to a few seconds. Errors are reported as AOTI_TORCH_FAILURE after a message on
 // stderr (the generated wrapper turns the code into an exception without a message of its own).
+#include "kernel_abi.h"
 #include "vmeanba_shims.h"
 
 #include <omp.h>
@@ -27,8 +28,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-
-#include "kernel_abi.h"
 
 namespace {
 
@@ -226,36 +225,45 @@ const real* maybe(const Handle& t) {
   return t.get() ? data<real>(t) : nullptr;
 }
 
-// Run `block(begin, end)` over [0, items) cut into one contiguous block per OpenMP thread (the
-// threads torch.set_num_threads / at::set_num_threads set), as lowering/scan_cpu.py splits work.
+// One contiguous block of [0, items) per OpenMP thread (the threads torch.set_num_threads /
+// at::set_num_threads set), as lowering/scan_cpu.py splits work.
+int64_t worker_count(int64_t items) { return std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), items)); }
+
+// Run `block(worker, begin, end)` for every block, in parallel. Everything that can fail (handle
+// queries, allocations) happens before: an exception must not leave an OpenMP region.
 template <typename Block>
-void parallel_blocks(int64_t items, Block block) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), items));
+void parallel_blocks(int64_t items, int64_t workers, const Block& block) {
 #pragma omp parallel for num_threads(workers) schedule(static, 1)
-  for (int64_t w = 0; w < workers; ++w) block(items * w / workers, items * (w + 1) / workers);
+  for (int64_t w = 0; w < workers; ++w) block(w, items * w / workers, items * (w + 1) / workers);
 }
 
 template <typename real>
 void scan(void (*kernel)(VMEANBA_SCAN_FORWARD_ARGS(real)), const ScanInputs& in, bool softplus, const Handle& y,
           const Handle& last_state) {
-  parallel_blocks(in.dim, [&](int64_t begin, int64_t end) {  // channels are independent
-    std::vector<real> scratch(static_cast<size_t>(std::max<int64_t>(in.L, 1)));
-    kernel(data<real>(in.u), data<real>(in.delta), data<real>(in.A), data<real>(in.B.tensor), in.B.sb, in.B.sg,
-           in.B.st, in.B.cpg, data<real>(in.C.tensor), in.C.sb, in.C.sg, in.C.st, in.C.cpg, maybe<real>(in.D),
-           maybe<real>(in.z), maybe<real>(in.bias), softplus ? 1 : 0, data<real>(y), data<real>(last_state),
-           scratch.data(), in.batch, in.dim, in.N, in.L, begin, end);
+  const real *u = data<real>(in.u), *delta = data<real>(in.delta), *A = data<real>(in.A);
+  const real *B = data<real>(in.B.tensor), *C = data<real>(in.C.tensor);
+  const real *D = maybe<real>(in.D), *z = maybe<real>(in.z), *bias = maybe<real>(in.bias);
+  real *y_k = data<real>(y), *state_k = data<real>(last_state);
+  const int64_t workers = worker_count(in.dim), L = std::max<int64_t>(in.L, 1);
+  std::vector<real> scratch(static_cast<size_t>(workers * L));  // L entries per worker
+  parallel_blocks(in.dim, workers, [&](int64_t w, int64_t begin, int64_t end) {  // channels are independent
+    kernel(u, delta, A, B, in.B.sb, in.B.sg, in.B.st, in.B.cpg, C, in.C.sb, in.C.sg, in.C.st, in.C.cpg, D, z, bias,
+           softplus ? 1 : 0, y_k, state_k, scratch.data() + w * L, in.batch, in.dim, in.N, in.L, begin, end);
   });
 }
 
 template <typename real>
 void reduced_scan(void (*kernel)(VMEANBA_REDUCED_FORWARD_ARGS(real)), const ScanInputs& in, bool softplus,
                   bool dt_raw, bool skip_mean, int64_t groups, const Handle& y, const Handle& last_state) {
-  parallel_blocks(in.batch * groups, [&](int64_t begin, int64_t end) {  // (batch row, group) items
-    kernel(data<real>(in.u), data<real>(in.delta), data<real>(in.A), data<real>(in.B.tensor), in.B.sb, in.B.sg,
-           in.B.sn, in.B.st, in.B.cpg, data<real>(in.C.tensor), in.C.sb, in.C.sg, in.C.sn, in.C.st, in.C.cpg,
-           maybe<real>(in.D), maybe<real>(in.z), maybe<real>(in.bias), softplus ? 1 : 0, dt_raw ? 1 : 0,
-           skip_mean ? 1 : 0,
-           data<real>(y), data<real>(last_state), in.batch, in.dim, in.N, in.L, groups, begin, end);
+  const real *u = data<real>(in.u), *delta = data<real>(in.delta), *A = data<real>(in.A);
+  const real *B = data<real>(in.B.tensor), *C = data<real>(in.C.tensor);
+  const real *D = maybe<real>(in.D), *z = maybe<real>(in.z), *bias = maybe<real>(in.bias);
+  real *y_k = data<real>(y), *state_k = data<real>(last_state);
+  const int64_t items = in.batch * groups;  // (batch row, group) pairs share nothing
+  parallel_blocks(items, worker_count(items), [&](int64_t, int64_t begin, int64_t end) {
+    kernel(u, delta, A, B, in.B.sb, in.B.sg, in.B.sn, in.B.st, in.B.cpg, C, in.C.sb, in.C.sg, in.C.sn, in.C.st,
+           in.C.cpg, D, z, bias, softplus ? 1 : 0, dt_raw ? 1 : 0, skip_mean ? 1 : 0, y_k, state_k, in.batch, in.dim,
+           in.N, in.L, groups, begin, end);
   });
 }
 
