@@ -162,6 +162,31 @@ def _explain(**options: Any) -> Callable[[Path], Any]:
     return lambda d: vc.explain(_model(), IMAGES, **options)
 
 
+def _export(args: Any = (IMAGES,), **options: Any) -> Callable[[Path], Any]:
+    return lambda d: vc.export(_model(), args, **options)
+
+
+def _without_cxx(directory: Path) -> Any:
+    from vmeanba_compiler.deploy import op_library
+
+    with pytest.MonkeyPatch.context() as patch:  # a PATH with no compiler on it, no $CXX
+        patch.setenv("PATH", str(directory))
+        patch.delenv("CXX", raising=False)
+        return op_library.cxx_compiler()
+
+
+class _ScanOnly(torch.nn.Module):
+    def forward(self, u, delta, A, B, C):
+        return vc.selective_scan(u, delta, A, B, C)
+
+
+def _package_meta_program(directory: Path) -> Any:
+    from vmeanba_compiler.deploy import package
+
+    args = [torch.randn(*s, device="meta") for s in ((1, 8, 6), (1, 8, 6), (8, 4), (1, 2, 4, 6), (1, 2, 4, 6))]
+    return package.package(torch.export.export(_ScanOnly(), tuple(args)), directory / "model.pt2")
+
+
 OP, CAL, LOAD, OPT = "selective_scan", "calibrate", "Profile.load", "torch.compile(options=...)"
 COMPILE = 'torch.compile(backend="vmeanba")'
 CASES = [
@@ -283,6 +308,15 @@ CASES = [
          RuntimeError, r"merge_across_ranks needs an initialized torch\.distributed process group"),
     Case("SS2D", "routes other than 1, 2 or 4", lambda d: SS2D(8, routes=3), ValueError,
          r"SS2D: routes must be one of \(1, 2, 4\) \(scan directions\), got 3"),
+    Case("export", "inputs not a tuple", _export(args=IMAGES, sites=["stages.0.0.op:0"]), TypeError,
+         r"export: args must be a tuple of positional inputs, e\.g\. \(x,\), got Tensor"),
+    Case("export", "a site id the model does not have", _export(sites=["stages.7.0.op:0"]), ValueError,
+         r"vmeanba option 'sites' names unknown site id\(s\) 'stages\.7\.0\.op:0'; the traced model has: "
+         r"stages\.0\.0\.op:0"),
+    Case("deploy.op_library", "no C++ compiler", _without_cxx, RuntimeError,
+         r"building the vmeanba op library .* needs a C\+\+ compiler: install g\+\+ .* or point \$CXX at one"),
+    Case("deploy.package", "a program on another device than the CPU", _package_meta_program, NotImplementedError,
+         r"the program runs on meta; the op library has CPU functions only"),
 ]
 
 _OUTCOMES: dict[str, str] = {}  # case id -> what happened, for the docs table
