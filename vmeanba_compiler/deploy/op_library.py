@@ -5,8 +5,13 @@ Python) unless `aot_inductor.custom_ops_to_c_shims` declares a C function for it
 calls `aoti_torch_<device>_<op name>(...)` directly. `shim_declarations()` writes those
 declarations from the ops' schemas (one schema: vmeanba_compiler/ops.py's definition), and
 `build()` compiles `vmeanba_ops.cpp` (which includes the generated declarations, so a signature
-that disagrees with the schema fails to compile) together with the scan's C source from lowering/
-(one kernel: the file the Python CPU path runs).
+that disagrees with the schema fails to compile) together with the C kernels of lowering/ (one
+kernel: the files the Python CPU path runs; `kernel_abi.h`, force-included, makes a change of their
+signatures a build error).
+
+Why no dispatcher registration (TORCH_LIBRARY_IMPL): the package calls these functions directly,
+and a C++ CPU kernel for the ops the Python side defines would replace the Python CPU kernel
+(same dispatch key) in every process that loads the library.
 
 Built on first use, never at import: `import vmeanba_compiler` needs no C++ compiler. The build
 (a few seconds) is cached under `native_build.cache_dir()` in a folder whose name hashes what the
@@ -45,7 +50,7 @@ _SOURCE = Path(__file__).with_name("vmeanba_ops.cpp")
 _KERNEL_ABI = Path(__file__).with_name("kernel_abi.h")
 _LOWERING = Path(native_build.__file__).parent
 # The C kernel sources compiled into the library, and their entry points: each precision's copy
-# gets its own names (vmeanba_<entry>_<real>), as vmeanba_ops.cpp declares them.
+# gets its own names (vmeanba_<entry>_<real>), as kernel_abi.h declares them.
 _KERNEL_SOURCES = ("selective_scan_cpu.c", "reduced_scan_cpu.c")
 _KERNEL_ENTRIES = ("scan_forward", "scan_backward", "reduced_scan_forward")
 _PRECISIONS = ("float", "double")
