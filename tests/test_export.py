@@ -156,3 +156,39 @@ def test_export_without_a_selection_is_the_model():
     assert reduced_sites(program) == 0
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
+class _TwoScans(torch.nn.Module):
+    def __init__(self, dim: int = 8, state: int = 4) -> None:
+        super().__init__()
+        self.A = torch.nn.Parameter(-torch.rand(dim, state, generator=torch.Generator().manual_seed(dim)))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        B = u[:, :2, None, :].expand(-1, -1, self.A.shape[1], -1)
+        delta = torch.full_like(u, 0.1)
+        y = vc.selective_scan(u, delta, self.A, B, B)
+        return vc.selective_scan(y, delta, self.A, B, B)
+
+
+class _SharedModule(torch.nn.Module):
+    """`shared` is called twice (one site per scan call of its code, as the backend names them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.other = _TwoScans(), _TwoScans()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.other(self.shared(self.shared(u)))
+
+
+def test_site_ids_of_a_module_called_twice_are_the_backends():
+    model, u = _SharedModule(), torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(0))
+    backend_ids = [s.site_id for s in vc.explain(model, (u,)).sites]
+    exported_ids = [s.site_id for s in find_scan_sites(torch.export.export(model, (u,)).module())]
+    assert exported_ids == backend_ids == ["shared:0", "shared:1", "shared:0", "shared:1", "other:0", "other:1"]
+    program = vc.export(model, (u,), sites=["shared:1"])  # both calls of shared rewrite their second scan
+    assert reduced_sites(program) == 2
+    with torch.no_grad():
+        exported = program.module()(u)
+        assert not torch.allclose(exported, model(u), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exported, backend_output(model, u, sites=["shared:1"]), rtol=1e-5, atol=1e-6)
