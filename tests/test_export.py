@@ -192,3 +192,14 @@ def test_site_ids_of_a_module_called_twice_are_the_backends():
         exported = program.module()(u)
         assert not torch.allclose(exported, model(u), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(exported, backend_output(model, u, sites=["shared:1"]), rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_settings_are_not_silently_dropped(caplog):
+    u = torch.randn(2, 8, 6)
+    with caplog.at_level("WARNING", logger="vmeanba_compiler.export"):
+        vc.export(_TwoScans(), (u,), inductor_config={"max_autotune": True})
+    assert "inductor_config does not change the exported program" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vmeanba_compiler.export"):
+        vc.export(_TwoScans(), (u,))  # control: nothing to warn about
+    assert "inductor_config" not in caplog.text

@@ -46,6 +46,9 @@ def export(
     `threshold`/`metric`, and `dt_mode`/`skip_mode`.
     """
     config = VMeanbaConfig.from_options(options)
+    if config.inductor_config:
+        log.warning("export: inductor_config does not change the exported program; pass Inductor settings to "
+                    "vmeanba_compiler.deploy.package.package(..., inductor_configs=...)")
     if not isinstance(args, tuple):
         raise TypeError(f"export: args must be a tuple of positional inputs, e.g. (x,), got {type(args).__name__}")
     traced = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
