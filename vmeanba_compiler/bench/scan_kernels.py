@@ -7,9 +7,11 @@ Run on a GPU machine (it refuses to run without CUDA: CPU numbers would mean not
 Every shape is VMamba's call (`bench.scan_cpu.make_inputs`): K = 4 routes of d channels,
 grouped B/C, D, delta_bias, softplus. Contenders, all on the same CUDA tensors:
 - full: `torch.ops.vmeanba.selective_scan`, the Triton scan over all K*d channels;
-- reduced: `reduced_selective_scan` (dt_mode "effective", skip_mode "exact"), what a rewritten
-  site runs unfused: torch means, the Triton scan over K channels, repeat_interleave, D*u;
-- fused: `fused_reduced_scan`, the same site as one Triton kernel;
+- reduced: the composition of `lowering/reduced_scan.py` (dt_mode "effective", skip_mode
+  "exact"), what a rewritten site ran before it became one op: torch means, the Triton scan
+  over K channels, repeat_interleave, D*u;
+- fused: `fused_reduced_scan`, the same site as one Triton kernel (what
+  `torch.ops.vmeanba.reduced_selective_scan` runs on CUDA);
 - associative_scan: the recurrence as torch's `associative_scan(combine_mode="pointwise")`
   compiled by Inductor, materialising exp(dt*A) and dt*B*u over L (batch 1 by default: every
   shape is a separate compilation, and batch 32 does not fit in memory at large shapes);
@@ -34,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..lowering.scan_reference import selective_scan_reference
-from ..passes.reduced_scan import reduced_selective_scan
+from ..lowering.reduced_scan import reduced_scan_composed
 from .scan_cpu import ScanBenchShape, associative_scan_formulation, make_inputs
 from .timing import machine_info, summarize, time_cuda, write_json
 
@@ -85,7 +87,8 @@ def measure_shape(
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"], True)
     contenders: dict[str, Callable[[], Any]] = {
         "full": lambda: torch.ops.vmeanba.selective_scan(*args),
-        "reduced": lambda: reduced_selective_scan(*args, groups=shape.groups),
+        "reduced": lambda: reduced_scan_composed(*args, shape.groups, "effective", "exact",
+                                                 torch.ops.vmeanba.selective_scan),
         "fused": lambda: vmeanba_triton.fused_reduced_scan(*args, shape.groups),
         "read_u_delta_once": lambda: (x["u"].sum(), x["delta"].sum()),
     }
