@@ -82,3 +82,11 @@ def test_demo_packages_are_an_extra_the_readme_installs():
     first_command = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[0]
     assert 'pip install -e ".[demo,test]"' in first_command and "vmeanba demo" in first_command
     assert 'pip install -q -e ".[demo,test]"' in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    test_command = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[1]
+    pytest_call = test_command.split("&& ", 1)[1]
+    assert pytest_call.startswith("python -m pytest")
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line and not line.startswith("#")]
+    assert ci_lines == [pytest_call, pytest_call + " -m deploy"]  # the README's command, then the deploy tier

@@ -203,7 +203,10 @@ def test_rewritten_site_is_differentiable_gradcheck(mode):
 
 
 def test_training_through_the_rewritten_model_follows_the_eager_rewrite():
-    sites = ["stages.0.0.op:0", "stages.1.0.op:0"]
+    """One site rewritten, one kept: the same Inductor-compiled forward and backward graphs cover
+    training through a rewritten site and through a site the backend leaves as it is (the eager
+    rewrite runs the kept site as the plain model does)."""
+    sites = ["stages.1.0.op:0"]
     torch.manual_seed(0)
     first = build_vmamba("vmamba_mini")
     second = build_vmamba("vmamba_mini")
