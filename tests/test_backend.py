@@ -12,7 +12,7 @@ import torch
 
 from vmeanba_compiler.config import VMeanbaConfig
 from vmeanba_compiler.models import build_vmamba
-from vmeanba_compiler.testing import MODEL_TOLERANCES, training_losses
+from vmeanba_compiler.testing import MODEL_TOLERANCES
 
 
 @pytest.fixture(autouse=True)
