@@ -17,7 +17,7 @@ run mean anything):
    channel per group -> broadcast -> D*u (the composition of `lowering/reduced_scan.py`), run
    eagerly and compiled by Inductor (what a rewritten graph held before the fused op).
 
-Run (about half an hour on 2 busy cores; every model is compiled anew per batch size and thread
+Run (about 45 minutes on 2 busy cores; every model is compiled anew per batch size and thread
 count, since Inductor's CPU code is specialised on both):
 
     python -m vmeanba_compiler.bench.reduced_sites --out results/cpu/reduced_sites.json
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -186,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     parser.add_argument("--out", default="results/cpu/reduced_sites.json")
     args = parser.parse_args(argv)
+    load_at_start = os.getloadavg()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     sites = bench_sites(args.site_repeats)
@@ -201,6 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "sites": sites,
         "models": models,
         "machine": machine_info(),
+        "load_average_1min": {"start": load_at_start[0], "end": os.getloadavg()[0]},
     })
     print(f"wrote {args.out}")
     return 0
