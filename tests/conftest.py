@@ -47,13 +47,14 @@ def _fresh_dynamo_after_each_test():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `deploy` (AOTInductor packages, C++ builds, full-size exports: minutes on 2
-    cores) are left out unless the -m expression names them (`-m deploy`), so the README's test
-    command and `-m "not slow"` stay quick. They are deselected, not skipped: pytest reports them
-    as deselected, and `.ci/run` runs them after the README's test command."""
-    if "deploy" in (config.getoption("markexpr") or ""):
+    """Tests marked `extended` (AOTInductor packages and C++ builds, full-size models exported or
+    compiled by Inductor: minutes on 2 cores) are left out unless the -m expression names them
+    (`-m extended`), so the README's test command and `-m "not slow"` stay quick. They are
+    deselected, not skipped (pytest reports the count), and `.ci/run` runs them after the README's
+    test command."""
+    if "extended" in (config.getoption("markexpr") or ""):
         return
-    kept = [item for item in items if item.get_closest_marker("deploy") is None]
-    if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("deploy")])
-        items[:] = kept
+    extended = [item for item in items if item.get_closest_marker("extended") is not None]
+    if extended:
+        config.hook.pytest_deselected(items=extended)
+        items[:] = [item for item in items if item.get_closest_marker("extended") is None]

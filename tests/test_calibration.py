@@ -90,7 +90,7 @@ def test_changing_the_profile_never_serves_a_stale_graph(mini, mini_profile):
     torch.testing.assert_close(nothing, plain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # a full-size model through Inductor: 1-2 min of compiling on 2 cores
 def test_tiny_vmamba_calibrate_save_load_compile_with_threshold(tmp_path):
     torch.manual_seed(0)
     model = build_vmamba("vmamba_v0_tiny").eval()

@@ -78,7 +78,7 @@ def reduced_sites(program: torch.export.ExportedProgram) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param("vmamba_v0_tiny", marks=pytest.mark.deploy), "vmamba_v2_tiny"])
+@pytest.mark.parametrize("name", [pytest.param("vmamba_v0_tiny", marks=pytest.mark.extended), "vmamba_v2_tiny"])
 def test_export_equals_the_backend_for_every_selection(name):
     model = tiny(name)
     with torch.no_grad():

@@ -77,13 +77,13 @@ def assert_backend_output(actual: torch.Tensor, expected: torch.Tensor, plain: t
     assert not torch.allclose(plain, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_bundle_holds_the_package_the_op_library_and_the_runner(deployed):
     bundle, _, _ = deployed
     assert sorted(p.name for p in bundle.iterdir()) == sorted(["model.pt2", op_library.LIBRARY_FILE, runner.RUNNER_FILE])
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_wrapper_calls_the_op_library_and_never_the_proxy_executor(deployed):
     source = wrapper_source(deployed[0] / "model.pt2")
     assert calls(source, "aoti_torch_cpu_reduced_selective_scan") == 1  # the rewritten site
@@ -91,7 +91,7 @@ def test_wrapper_calls_the_op_library_and_never_the_proxy_executor(deployed):
     assert PROXY_CALL not in source
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_a_package_without_op_library_calls_uses_the_proxy_executor(tmp_path):
     """Negative control of the check above: AOTInductor's default for a custom op is the proxy call."""
     args = (torch.randn(1, 8, 16), torch.randn(1, 8, 16), -torch.rand(8, 4), torch.randn(1, 2, 4, 16),
@@ -123,7 +123,7 @@ print(sorted(m for m in sys.modules if m.startswith("vmeanba")))
 """
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_package_runs_in_a_fresh_python_with_only_torch_once_the_op_library_is_loaded(deployed, tmp_path):
     bundle, expected, plain = deployed
     torch.save([INPUTS], tmp_path / "inputs.pt")
@@ -137,14 +137,14 @@ def test_package_runs_in_a_fresh_python_with_only_torch_once_the_op_library_is_l
     assert_backend_output(torch.load(tmp_path / "outputs.pt"), expected, plain)
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_cpp_runner_output_equals_the_backend(deployed):
     bundle, expected, plain = deployed
     (actual,), _ = runner.run(bundle / "model.pt2", [INPUTS], op_library_path=bundle / op_library.LIBRARY_FILE)
     assert_backend_output(actual, expected, plain)
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_cpp_runner_without_the_op_library_fails_naming_it(deployed, tmp_path):
     bundle = deployed[0]
     torch.save([INPUTS], tmp_path / "inputs.pt")
@@ -169,7 +169,7 @@ class _ScanForms(nn.Module):
         )
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_op_library_functions_equal_the_python_kernels_for_every_form(tmp_path):
     g = torch.Generator().manual_seed(0)
     batch, dim, state, length = 2, 16, 4, 24
@@ -228,7 +228,7 @@ def test_package_refuses_a_project_op_without_a_c_function(monkeypatch, tmp_path
     assert not (tmp_path / "never.pt2").exists()
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_op_library_build_is_cached_under_a_content_key():
     first = op_library.build.__wrapped__()  # past this process's lru_cache, as a new process builds
     stamp = first.stat().st_mtime_ns
@@ -237,7 +237,7 @@ def test_op_library_build_is_cached_under_a_content_key():
     assert first.name == op_library.LIBRARY_FILE and first.parent.name.startswith("oplib-")
 
 
-@pytest.mark.deploy
+@pytest.mark.extended
 def test_a_kernel_whose_signature_drifts_from_the_op_library_does_not_build(tmp_path):
     """The kernels are compiled with kernel_abi.h force-included: a definition that no longer matches
     what the op library calls is a compile error, not a call with the wrong arguments."""
