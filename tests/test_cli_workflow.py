@@ -59,6 +59,7 @@ def test_every_subcommand_documents_its_flags(command, flags, capsys):
     assert not missing, f"`vmeanba {command} --help` does not mention {missing}"
 
 
+@pytest.mark.extended  # bench compiles the model with both backends
 def test_calibrate_report_bench_end_to_end_on_a_user_model(user_module, tmp_path, capsys):
     model, data = f"{user_module}:tiny_model", f"{user_module}:labelled"
     assert main(["calibrate", "--model", model, "--data", data, "--labelled", "--impact", "loss",

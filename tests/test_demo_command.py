@@ -10,7 +10,7 @@ from vmeanba_compiler.cli import main
 from vmeanba_compiler.training import load_digits_model
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # calibration, budget selection, two Inductor compiles and plots: 1-2 min
 def test_demo_selects_compiles_reports_and_writes_plots(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--repeats", "2", "--quiet"]) == 0

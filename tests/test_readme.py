@@ -16,7 +16,11 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+# The budget example calibrates the digits model, evaluates site sets and compiles it through
+# Inductor (about a minute): it runs in the extended tier, with `vmeanba demo`'s test.
+@pytest.mark.parametrize("index", [
+    pytest.param(i, marks=pytest.mark.extended) if "select_for_budget(" in block else i for i, block in enumerate(BLOCKS)
+])
 def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"readme_block_{index}"}

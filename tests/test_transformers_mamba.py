@@ -276,7 +276,7 @@ def test_training_through_the_rewritten_model_reduces_the_loss_like_eager(path):
     torch.testing.assert_close(torch.tensor(losses["rewritten"]), torch.tensor(losses["eager"]), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # forward and backward graphs of the model through Inductor
 def test_training_through_inductor_with_the_rewrite_follows_the_eager_rewrite():
     """MambaMixer hands the scan transposed views (u, B, C, z): the backward's gradients must come
     back in the layout Inductor expects (the fake kernel's; commit 3579d27). One layer, to keep the

@@ -169,7 +169,7 @@ def _variant_inputs(variant: str) -> ScanInputs:
     return _variant_inputs("float32-all-arguments").to(torch.bfloat16)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # Triton compiles every kernel config for sm_90 on the CPU: about a minute
 @pytest.mark.skipif(INTERPRETING, reason="kernels are interpreted functions in this process")
 @pytest.mark.parametrize("variant", ["float32-all-arguments", "float64-no-options", "bfloat16"])
 def test_every_kernel_config_compiles_for_sm90(variant: str, monkeypatch) -> None:
