@@ -13,19 +13,6 @@
  * do (special lanes take the scalar path), so ask glibc for their declarations anyway. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__FAST_MATH__)
 #define __FAST_MATH__ 1
-/* Calls fn(..., N) with N a compile-time constant for the common state sizes, so the loops over
- * the state unroll and vectorise; other sizes take the generic copy. */
-#define DISPATCH_N(fn, N, ...)                                    \
-    do {                                                          \
-        switch (N) {                                              \
-        case 1: fn(__VA_ARGS__, 1); break;                        \
-        case 4: fn(__VA_ARGS__, 4); break;                        \
-        case 8: fn(__VA_ARGS__, 8); break;                        \
-        case 16: fn(__VA_ARGS__, 16); break;                      \
-        default: fn(__VA_ARGS__, N); break;                       \
-        }                                                         \
-    } while (0)
-
 #endif
 #include <tgmath.h> /* exp, log1p resolve to the float or double variant of REAL */
 #include <stdint.h>
