@@ -41,7 +41,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _compiler() -> str:
+def c_compiler() -> str:
     for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if candidate and shutil.which(candidate):
             return candidate
@@ -51,7 +51,7 @@ def _compiler() -> str:
     )
 
 
-def _compiler_identity(compiler: str) -> str:
+def compiler_identity(compiler: str) -> str:
     """The compiler's resolved path and its version banner: another gcc/clang (or an upgrade of
     the same one) may generate other code for the same flags."""
     path = shutil.which(compiler) or compiler
@@ -62,7 +62,7 @@ def _compiler_identity(compiler: str) -> str:
     return f"{os.path.realpath(path)}\0{banner.strip()}"
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
     """-march=native code is only valid on a CPU with the same instruction set: key the cache on
     the CPU model and its feature flags (/proc/cpuinfo's "flags", "Features" on Arm)."""
     wanted = ("vendor_id", "model name", "flags", "Features", "CPU implementer", "CPU part")
@@ -80,7 +80,7 @@ def _cpu_identity() -> str:
     return "\0".join(f"{k}: {v}" for k, v in sorted(found.items()))
 
 
-def _flags(real: str) -> list[str]:
+def kernel_compile_flags(real: str) -> list[str]:
     return [*_COMPILE_FLAGS, f"-DREAL={real}"]
 
 
@@ -88,16 +88,16 @@ def library_path(real: str) -> Path:
     """Where the library for `real` is cached. The name hashes everything the machine code depends
     on: the sources, the compiler (path and version), the compile and link flags, and the CPU's
     model and feature flags, so a shared cache never hands out a build for another setup."""
-    compiler = _compiler()
+    compiler = c_compiler()
     key = hashlib.sha256("\0".join([
-        *(f.read_text() for f in (*_SOURCES, *_HEADERS)), _compiler_identity(compiler), *_flags(real), "link:", *_LINK_FLAGS, _cpu_identity(),
+        *(f.read_text() for f in (*_SOURCES, *_HEADERS)), compiler_identity(compiler), *kernel_compile_flags(real), "link:", *_LINK_FLAGS, cpu_identity(),
     ]).encode()).hexdigest()[:16]
     return cache_dir() / f"selective_scan_{real}_{key}.so"
 
 
 def _build(real: str) -> Path:
-    compiler = _compiler()
-    flags = _flags(real)
+    compiler = c_compiler()
+    flags = kernel_compile_flags(real)
     target = library_path(real)
     if target.exists():
         return target

@@ -245,7 +245,7 @@ def test_a_kernel_whose_signature_drifts_from_the_op_library_does_not_build(tmp_
 
     drifted = tmp_path / "drifted.c"
     drifted.write_text("void scan_forward(const float *u, const float *delta) { (void)u; (void)delta; }\n")
-    done = subprocess.run([native_build._compiler(), *op_library._kernel_flags("float"), "-c", str(drifted), "-o",
+    done = subprocess.run([native_build.c_compiler(), *op_library._kernel_flags("float"), "-c", str(drifted), "-o",
                            str(tmp_path / "drifted.o")], capture_output=True, text=True)
     assert done.returncode != 0 and "conflicting types" in done.stderr and "vmeanba_scan_forward_float" in done.stderr
     assert op_library.build().exists()  # control: the real kernels build with the same flags

@@ -93,14 +93,14 @@ def test_cache_key_covers_compiler_flags_and_cpu(monkeypatch, tmp_path):
     assert base == native_build.library_path("float")
     assert base.parent == tmp_path
 
-    monkeypatch.setattr(native_build, "_compiler_identity", lambda compiler: f"{compiler}\0gcc 99.1 (other)")
+    monkeypatch.setattr(native_build, "compiler_identity", lambda compiler: f"{compiler}\0gcc 99.1 (other)")
     assert native_build.library_path("float") != base
     monkeypatch.undo()
     monkeypatch.setenv("VMEANBA_CACHE_DIR", str(tmp_path))
 
-    monkeypatch.setattr(native_build, "_cpu_identity", lambda: "model name: same\0flags: fpu sse2")
+    monkeypatch.setattr(native_build, "cpu_identity", lambda: "model name: same\0flags: fpu sse2")
     other_cpu = native_build.library_path("float")
-    monkeypatch.setattr(native_build, "_cpu_identity", lambda: "model name: same\0flags: fpu sse2 avx512f")
+    monkeypatch.setattr(native_build, "cpu_identity", lambda: "model name: same\0flags: fpu sse2 avx512f")
     assert native_build.library_path("float") != other_cpu
     monkeypatch.undo()
     monkeypatch.setenv("VMEANBA_CACHE_DIR", str(tmp_path))
@@ -111,7 +111,7 @@ def test_cache_key_covers_compiler_flags_and_cpu(monkeypatch, tmp_path):
 
 
 def test_cpu_identity_includes_the_feature_flags():
-    identity = native_build._cpu_identity()
+    identity = native_build.cpu_identity()
     try:
         cpuinfo = open("/proc/cpuinfo").read()
     except OSError:

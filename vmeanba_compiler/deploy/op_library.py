@@ -129,20 +129,20 @@ def torch_paths() -> tuple[Path, Path]:
 
 def _kernel_flags(real: str) -> list[str]:
     renames = [f"-D{entry}=vmeanba_{entry}_{real}" for entry in _KERNEL_ENTRIES]
-    return [*native_build._flags(real), *renames, f"-I{_LOWERING}", "-include", str(_KERNEL_ABI)]
+    return [*native_build.kernel_compile_flags(real), *renames, f"-I{_LOWERING}", "-include", str(_KERNEL_ABI)]
 
 
 def library_path() -> Path:
     """Where the library is (or will be) cached: `<cache>/oplib-<hash>/libvmeanba_ops.so`."""
     include, _ = torch_paths()
-    cc, cxx = native_build._compiler(), cxx_compiler()
+    cc, cxx = native_build.c_compiler(), cxx_compiler()
     parts = [
         _SOURCE.read_text(), _KERNEL_ABI.read_text(), _header(),
         *(p.read_text() for p in sorted(_LOWERING.glob("*.h"))),
         *((_LOWERING / s).read_text() for s in _KERNEL_SOURCES),
-        native_build._compiler_identity(cc), native_build._compiler_identity(cxx),
+        native_build.compiler_identity(cc), native_build.compiler_identity(cxx),
         *(flag for real in _PRECISIONS for flag in _kernel_flags(real)), *_CXX_FLAGS,
-        native_build._cpu_identity(), torch.__version__, str(include),
+        native_build.cpu_identity(), torch.__version__, str(include),
     ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return native_build.cache_dir() / f"oplib-{key}" / LIBRARY_FILE
@@ -161,7 +161,7 @@ def build() -> Path:
     if target.exists():
         return target
     include, torch_lib = torch_paths()
-    cc, cxx = native_build._compiler(), cxx_compiler()
+    cc, cxx = native_build.c_compiler(), cxx_compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("building the vmeanba op library into %s", target)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

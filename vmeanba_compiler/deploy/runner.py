@@ -44,7 +44,7 @@ def build_command(output: Union[str, os.PathLike]) -> list[str]:
 def runner_path() -> Path:
     """Where the runner is (or will be) cached."""
     include, _ = op_library.torch_paths()
-    parts = [_SOURCE.read_text(), native_build._compiler_identity(op_library.cxx_compiler()), *_FLAGS,
+    parts = [_SOURCE.read_text(), native_build.compiler_identity(op_library.cxx_compiler()), *_FLAGS,
              torch.__version__, str(include)]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return native_build.cache_dir() / f"runner-{key}" / RUNNER_FILE
