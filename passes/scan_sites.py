@@ -27,6 +27,7 @@ from .site_identity import (
     SharedGraph,
     SiteIdCollisionError,
     SiteNamer,
+    TraceFrame,
     current_trace_frame,
     shared_graph,
     specialize_on_frame_module,
@@ -126,7 +127,12 @@ def find_scan_sites(gm: torch.fx.GraphModule) -> list[ScanSite]:
     compiled model and makes Dynamo specialise a module frame's graph on that module instance
     (site_identity.py); on any other FX graph ids come from the nodes' `nn_module_stack`.
     """
-    frame = current_trace_frame()
+    return scan_sites_in_frame(gm, current_trace_frame())
+
+
+def scan_sites_in_frame(gm: torch.fx.GraphModule, frame: Optional[TraceFrame]) -> list[ScanSite]:
+    """`find_scan_sites` for a caller that already holds the trace frame (building one walks the
+    Python stack and the root's modules), e.g. the rewrite, which also needs its module paths."""
     namer = SiteNamer(frame)
     sites = []
     for node in gm.graph.nodes:

@@ -16,7 +16,7 @@ import torch.fx
 
 from .graph_utils import finish_graph, replace_node
 from .reduced_scan import reduced_selective_scan
-from .scan_sites import ScanSite, find_scan_sites
+from .scan_sites import ScanSite, scan_sites_in_frame
 from .site_identity import current_trace_frame
 from .site_selection import SiteDecision, select_sites
 
@@ -43,8 +43,8 @@ def plan_rewrite(gm: torch.fx.GraphModule, config) -> RewritePlan:
     Inside a Dynamo backend the graph may be one part of the model (graph breaks), so a named site
     is only refused here when its module is not in the model; `explain` checks full ids over all
     graphs."""
-    sites = find_scan_sites(gm)
     frame = current_trace_frame()
+    sites = scan_sites_in_frame(gm, frame)
     owners = None if frame is None or frame.root is None else set(frame.paths.values())
     return RewritePlan(sites, select_sites(sites, config, owners))
 
