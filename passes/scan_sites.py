@@ -39,7 +39,7 @@ _SCAN_OP = torch.ops.vmeanba.selective_scan
 SCAN_TARGETS = (_SCAN_OP, _SCAN_OP.default)
 SCAN_ARG_NAMES = tuple(a.name for a in _SCAN_OP.default._schema.arguments)
 
-__all__ = ["ScanSite", "SiteIdCollisionError", "find_scan_sites", "normalize_module_path", "scan_arguments"]
+__all__ = ["ScanSite", "SiteIdCollisionError", "find_scan_sites", "normalize_module_path", "scan_arguments", "scan_sites_in_frame"]
 
 
 @dataclass(frozen=True)
