@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("passes", ("vmeanba_compiler.passes", "vmeanba_compiler.passes.*", "vmeanba_compiler.polyfills",
                 "vmeanba_compiler.polyfills.*", "vmeanba_compiler.scan_substitutions")),
     # the public API: backend, calibrate, explain, budget selection, evaluation; the reference models
-    ("api", ("vmeanba_compiler", "vmeanba_compiler.backend", "vmeanba_compiler.tracing",
+    ("api", ("vmeanba_compiler", "vmeanba_compiler.backend", "vmeanba_compiler.inductor_cache", "vmeanba_compiler.tracing",
              "vmeanba_compiler.calibration", "vmeanba_compiler.explain", "vmeanba_compiler.budget",
              "vmeanba_compiler.evaluation", "vmeanba_compiler.rankings", "vmeanba_compiler.distributed",
              "vmeanba_compiler.pruning", "vmeanba_compiler.threads", "vmeanba_compiler.models",

@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from .config import VMeanbaConfig
+from .inductor_cache import with_versioned_cache_key
 from .passes import run_passes
 from .scan_substitutions import install_scan_substitutions
 
@@ -41,5 +42,5 @@ def vmeanba_backend(
     from torch._inductor.compile_fx import compile_fx
 
     mode_patches = list_mode_options(mode) if mode else {}
-    patches = {**mode_patches, **config.inductor_config}
+    patches = with_versioned_cache_key({**mode_patches, **config.inductor_config})
     return compile_fx(gm, list(example_inputs), config_patches=patches)
