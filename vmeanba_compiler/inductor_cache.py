@@ -5,8 +5,11 @@ torch's version, but not on a custom operator's Python code: after an upgrade th
 op's fake kernel (the shapes and strides it promises) or its CUDA lowering, a warm cache would
 hand back code compiled under the old promises. The one hook Inductor offers for "code outside
 the graph that shapes the result" is a custom graph pass's `uuid()`, which it folds into both
-keys. So the backend compiles with a post-grad pass whose uuid is a digest of this package's
-Python sources; the pass itself only runs a pass the user configured, if any.
+keys. So the backend compiles with a post-grad pass whose uuid is a digest of the files that
+define our ops for the compiler (`OP_DEFINITIONS`) and the package version; the pass itself only
+runs a pass the user configured, if any. The passes need no share in the key: what they do is in
+the graph Inductor hashes. Keeping the digest to the op definitions keeps a contributor's warm
+cache warm across edits elsewhere.
 """
 
 from __future__ import annotations
@@ -22,12 +25,26 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 _CONFIG_KEY = "post_grad_custom_post_pass"
 
 
-def package_sources() -> list[Path]:
-    """Every .py file of vmeanba_compiler and of its mapped passes/lowering packages."""
-    from . import lowering, passes
+# Modules whose code reaches Inductor outside the graph: op schemas, fake kernels, autocast rules
+# (ops.py, reduced_op.py), the CUDA tracing rule that inlines the Triton kernels
+# (lowering/cuda_dispatch.py) and those kernels (Inductor's FX-graph key covers their source, but
+# its AOTAutograd cache, keyed on the graph before the op is traced into them, does not). A new
+# module that registers such things with torch.library or Inductor belongs here
+# (tests/test_inductor_cache.py finds them by reading the sources).
+OP_DEFINITIONS = (
+    "ops.py", "reduced_op.py", "lowering/cuda_dispatch.py",
+    "lowering/scan_triton.py", "lowering/vmeanba_triton.py", "lowering/triton_common.py",
+)
 
-    roots = [Path(__file__).parent, *map(Path, passes.__path__), *map(Path, lowering.__path__)]
-    return sorted({f.resolve() for root in roots for f in root.rglob("*.py")})
+
+def op_definition_sources() -> list[Path]:
+    """The files of `OP_DEFINITIONS`, as installed (lowering/ maps to vmeanba_compiler.lowering)."""
+    from . import lowering
+
+    lowering_dir = Path(lowering.__path__[0])
+    package_dir = Path(__file__).parent
+    return [lowering_dir / name.split("/", 1)[1] if name.startswith("lowering/") else package_dir / name
+            for name in OP_DEFINITIONS]
 
 
 def files_digest(files: list[Path]) -> str:
@@ -41,8 +58,10 @@ def files_digest(files: list[Path]) -> str:
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """The digest of `package_sources()`, computed once per process."""
-    return files_digest(package_sources())
+    """The package version and the digest of `op_definition_sources()`, once per process."""
+    from . import __version__
+
+    return f"{__version__}:{files_digest(op_definition_sources())}"
 
 
 class VersionedPostGradPass(CustomGraphPass):
