@@ -17,6 +17,17 @@ the reduced model,
     bound = (b' - c') / n' + z * sqrt((b' + c') - (b' - c')^2 / n') / n',
             b' = b + 1/2, c' = c + 1/2, n' = n + 2,   z = the one-sided `confidence` quantile.
 
+Per-sample scores need not be 0/1: segmentation pairs each image's mIoU (`score=image_mean_ious`).
+The bound above is the normal bound on the mean of the paired differences d_i = baseline_i -
+reduced_i after two pseudo-samples are added (weight 1/2 at d = +1, 1/2 at d = -1, 1 at d = 0):
+
+    bound = sum(d') / n' + z * sqrt(sum(d'^2) - sum(d')^2 / n') / n',
+
+which for 0/1 scores (d in {-1, 0, 1}) is exactly Agresti-Min's, and for scores in [0, 1] is
+the same adjusted Wald bound on a mean difference (the pseudo-samples keep a set that changes
+nothing from being certified by a zero variance). The budget is then on the mean score: mean
+per-image mIoU, not the dataset mIoU reported beside it (that one is not a mean over images).
+
 Testing the nested sets in a fixed order and stopping at the first failure is a fixed-sequence
 procedure: the chance that ANY accepted set's true drop exceeds the budget stays at most
 1 - confidence without a multiplicity correction (the order comes from the label-free impact
@@ -32,12 +43,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
 from .config import VMeanbaConfig
-from .evaluation import correctness, rewrite_modes, rewritten
+from .evaluation import SCORE_NAMES, LabelledBatches, correctness, rewrite_modes, rewritten
 from .profile import Profile, parameter_hash
 from .rankings import rank_sites
 
@@ -59,8 +70,10 @@ class BudgetStep:
 class BudgetSelection:
     """The chosen sites and their measured effect on the labelled calibration data.
 
-    drop is baseline_accuracy - accuracy (fractions: 0.01 is one point); drop_bound is the
-    confidence bound the selection was judged by (<= max_accuracy_drop by construction).
+    accuracy is the mean per-sample score (`score_name`: top-1 accuracy by default, the mean
+    per-image mIoU for segmentation); drop is baseline_accuracy - accuracy (fractions: 0.01 is
+    one point); drop_bound is the confidence bound the selection was judged by (<= max_accuracy_drop
+    by construction).
     steps: every set evaluated, the accepted prefixes then (unless all fit) the first failure.
     """
 
@@ -75,54 +88,59 @@ class BudgetSelection:
     ranking: str
     steps: tuple[BudgetStep, ...]
     rewrite_options: dict[str, Any] = field(default_factory=dict)
+    score_name: str = "accuracy"
 
     def compile_options(self) -> dict[str, Any]:
         """`torch.compile(model, backend="vmeanba", options=...)` that rewrites these sites."""
         return {**self.rewrite_options, "sites": list(self.sites)}
 
     def __str__(self) -> str:
-        lines = [f"{'site':24s} {'accuracy':>9s} {'drop':>8s} {'bound':>8s}  decision"]
+        lines = [f"{'site':24s} {self.score_name:>10s} {'drop':>8s} {'bound':>8s}  decision"]
         for s in self.steps:
-            lines.append(f"{s.site_id:24s} {s.accuracy:9.2%} {s.drop:8.2%} {s.drop_bound:8.2%}  "
+            lines.append(f"{s.site_id:24s} {s.accuracy:10.2%} {s.drop:8.2%} {s.drop_bound:8.2%}  "
                          f"{'keep' if s.accepted else 'stop: over budget'}")
         lines.append(
             f"{len(self.sites)} site(s) within a {self.max_accuracy_drop:.2%} budget on {self.num_samples} "
-            f"samples: accuracy {self.baseline_accuracy:.2%} -> {self.accuracy:.2%} (drop {self.drop:.2%}, "
+            f"samples: {self.score_name} {self.baseline_accuracy:.2%} -> {self.accuracy:.2%} (drop {self.drop:.2%}, "
             f"{self.confidence:.0%} bound {self.drop_bound:.2%})"
         )
         return "\n".join(lines)
 
 
-def paired_drop_bound(baseline_correct: Tensor, correct: Tensor, z: float) -> float:
-    """Agresti-Min upper bound on the accuracy drop from paired per-sample correctness."""
-    n = baseline_correct.numel()
-    b = float((baseline_correct & ~correct).sum()) + 0.5
-    c = float((~baseline_correct & correct).sum()) + 0.5
-    total = n + 2
-    return (b - c) / total + z * math.sqrt(max(b + c - (b - c) ** 2 / total, 0.0)) / total
+def paired_drop_bound(baseline_scores: Tensor, scores: Tensor, z: float) -> float:
+    """Upper bound on the drop of the mean score from paired per-sample scores in [0, 1] (bool:
+    correctness); Agresti-Min's for 0/1 scores (module docstring)."""
+    d = baseline_scores.double() - scores.double()
+    total = d.numel() + 2
+    s1 = float(d.sum())  # the pseudo-samples add (1/2)(+1) + (1/2)(-1) + 1(0) = 0 to sum(d) ...
+    s2 = float(d.square().sum()) + 1.0  # ... and (1/2)(1) + (1/2)(1) + 0 = 1 to sum(d^2)
+    return s1 / total + z * math.sqrt(max(s2 - s1**2 / total, 0.0)) / total
 
 
 def select_for_budget(
     model: nn.Module,
     profile: Profile,
-    labelled_batches: Iterable[tuple[Any, Tensor]],
+    labelled_batches: LabelledBatches,
     max_accuracy_drop: float,
     *,
     ranking: str = "impact",
     confidence: float = 0.95,
+    score: Callable[[Callable, list], Tensor] = correctness,
     progress: bool = True,
 ) -> BudgetSelection:
     """Greedy selection under an accuracy budget (module docstring: how, and why a bound).
 
     model: the model `profile` was calibrated on, in eval mode.
     labelled_batches: (inputs, labels) pairs, e.g. the calibration split; labels are class ids
-        compared with argmax of the model's output.
-    max_accuracy_drop: a fraction (0.01 = one accuracy point).
+        compared with argmax of the model's output (label maps for segmentation).
+    max_accuracy_drop: a fraction (0.01 = one accuracy point), of the mean `score`.
     ranking: the order sites are offered in ("impact" or "ratio"; see `rank_sites`). For the
         guarantee it must not depend on these labels: calibrate with the default KL impact, or
         with loss_fn on other labelled data than `labelled_batches`.
     confidence: one-sided level of the bound; 0.5 judges by the observed drop plus the
         small-sample adjustment only (no guarantee).
+    score: `score(fn, batches)` -> one score in [0, 1] per sample, the same samples in the same
+        order for every fn: `correctness` (top-1, the default) or `image_mean_ious` (segmentation).
     """
     from tqdm.auto import tqdm
 
@@ -137,12 +155,12 @@ def select_for_budget(
     order = rank_sites(profile, ranking)
     z = NormalDist().inv_cdf(confidence)
 
-    baseline = correctness(model, batches)
+    baseline = score(model, batches)
     accepted: list[str] = []
     current: Optional[Tensor] = None
     steps = []
     for site in tqdm(order, desc="vmeanba budget", disable=not progress):
-        correct = correctness(rewritten(model, [*accepted, site], **modes), batches)
+        correct = score(rewritten(model, [*accepted, site], **modes), batches)
         bound = paired_drop_bound(baseline, correct, z)
         keep = bound <= max_accuracy_drop
         acc = float(correct.double().mean())
@@ -159,4 +177,5 @@ def select_for_budget(
         drop_bound=paired_drop_bound(baseline, final, z) if accepted else 0.0,
         max_accuracy_drop=max_accuracy_drop, confidence=confidence, num_samples=baseline.numel(),
         ranking=ranking, steps=tuple(steps), rewrite_options=modes,
+        score_name=SCORE_NAMES.get(score, score.__name__),
     )

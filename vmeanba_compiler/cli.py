@@ -1,6 +1,7 @@
 """The `vmeanba` command line.
 
-demo, train-demo, experiments: the bundled digits model (real data, shipped checkpoint).
+demo, train-demo, experiments: the bundled models on real data (scikit-learn's digits, shipped
+checkpoints): digit classification, and with --task segmentation per-pixel labels of digit canvases.
 calibrate, report, bench: the same verbs on a user's own model and data.
 export: a model with the chosen sites rewritten, as an AOTInductor package that runs without Python.
 bench-scan: the selective-scan kernel benchmark.
@@ -16,7 +17,7 @@ from . import __version__
 from .config import VMeanbaConfig
 from .demo import DEFAULT_BUDGET
 from .extras import MissingExtraError, import_extra
-from .training import TrainingSettings
+from .training import TASKS, SegmentationTrainingSettings, TrainingSettings
 
 _MODEL_HELP = ("model: 'module:attr' naming an nn.Module or a factory called without arguments "
                "(e.g. vmeanba_compiler.training:bundled_model)")
@@ -71,46 +72,57 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_task(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=TASKS, default="digits",
+                        help="digits: classify 8x8 digits; segmentation: label every pixel of 32x32 digit canvases")
+
+
 def _digits_commands(sub) -> None:
     demo = sub.add_parser(
         "demo", formatter_class=_FORMATTER,
-        help="calibrate, select for an accuracy budget, compile and time the bundled digits VMamba",
-        description="The main job on the bundled VMamba trained on scikit-learn's digits: calibrate on the "
-        "calibration split, select the sites that fit the accuracy budget, compile with backend='vmeanba' "
-        "and backend='inductor', print sites reduced, test accuracy of both and the speedup (median of "
-        "interleaved repeats), and write plots, the profile and results.json into --out. Fails if the "
-        "compiled rewrite disagrees with the same rewrite run eagerly.",
+        help="calibrate, select for an accuracy (or mIoU) budget, compile and time a bundled VMamba",
+        description="The main job on a bundled VMamba trained on scikit-learn's digits: calibrate on the "
+        "calibration split, select the sites that fit the budget, compile with backend='vmeanba' "
+        "and backend='inductor', print sites reduced, the test accuracy (segmentation: mIoU) of both and the "
+        "speedup (median of interleaved repeats), and write plots, the profile and results.json into --out. "
+        "With --task segmentation the budget is on the mean per-image mIoU. Fails if the compiled rewrite "
+        "disagrees with the same rewrite run eagerly.",
     )
+    _add_task(demo)
     demo.add_argument("--out", default="vmeanba-demo", help="folder for plots, profile.json and results.json")
     demo.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_BUDGET,
-                      help="accuracy budget as a fraction (0.01 = one point); the default is the paper's "
-                      "operating point")
+                      help="budget as a fraction (0.01 = one point) of the accuracy, or with --task segmentation "
+                      "of the mean per-image mIoU; the default is the paper's operating point")
     demo.add_argument("--confidence", type=float, default=0.95,
                       help="one-sided confidence of the drop bound the budget is judged by")
     demo.add_argument("--repeats", type=int, default=20, help="timed runs per backend (median reported)")
-    demo.add_argument("--checkpoint", metavar="PATH", help="a `vmeanba train-demo` checkpoint (default: bundled)")
+    demo.add_argument("--checkpoint", metavar="PATH", help="a `vmeanba train-demo` checkpoint of --task "
+                      "(default: bundled)")
     _add_quiet(demo)
 
     train = sub.add_parser(
         "train-demo", formatter_class=_FORMATTER,
-        help="train the digits VMamba and write its checkpoint",
-        description="Train vmamba_digits on the train split of scikit-learn's digits (seeded, one thread) and "
-        "write a checkpoint with the split and training metadata. With the default seed and epochs and the "
-        "same torch version this reproduces the bundled checkpoint bit for bit: "
-        "`vmeanba train-demo --out vmeanba_compiler/assets/digits_vmamba.pt`.",
+        help="train a bundled VMamba (digits, or --task segmentation) and write its checkpoint",
+        description="Train vmamba_digits on the train split of scikit-learn's digits, or with --task segmentation "
+        "vmamba_digits_seg on the train canvases (seeded, one thread), and write a checkpoint with the split "
+        "and training metadata. With the default seed and epochs and the same torch version this reproduces "
+        "the bundled checkpoint bit for bit: `vmeanba train-demo --out vmeanba_compiler/assets/digits_vmamba.pt`, "
+        "`vmeanba train-demo --task segmentation --out vmeanba_compiler/assets/segmentation_vmamba.pt`.",
     )
-    train.add_argument("--out", default="digits_vmamba.pt", help="where to write the checkpoint")
-    train.add_argument("--epochs", type=int, default=TrainingSettings.epochs, help="passes over the train split")
+    _add_task(train)
+    train.add_argument("--out", help="where to write the checkpoint (default: <task>_vmamba.pt)")
+    train.add_argument("--epochs", type=int, help=f"passes over the train split (default: {TrainingSettings.epochs} "
+                       f"for digits, {SegmentationTrainingSettings.epochs} for segmentation)")
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     _add_quiet(train)
 
     experiments = sub.add_parser(
         "experiments", formatter_class=_FORMATTER,
-        help="regenerate docs/RESULTS.md: rankings, budgets, pruning and speed on the digits model",
-        description="Accuracy-vs-K for three rankings (impact, variance ratio, random), the budget selector at "
-        "0.5%%, 1%% and 3%%, 40%% magnitude pruning alone / VMeanba alone / both, and the speed of "
-        "backend='vmeanba' vs backend='inductor', all on the held-out test split; writes RESULTS.md and "
-        "PNGs under img/ in --out.",
+        help="regenerate docs/RESULTS.md: rankings, budgets, pruning and speed on both bundled models",
+        description="On the digits classifier and on the digit-canvas segmenter: accuracy (mIoU)-vs-K for three "
+        "rankings (impact, variance ratio, random), the budget selector at 0.5%%, 1%% and 3%%, 40%% magnitude "
+        "pruning alone / VMeanba alone / both, and the speed of backend='vmeanba' vs backend='inductor', all on "
+        "the held-out test split; writes RESULTS.md and PNGs under img/ in --out.",
     )
     experiments.add_argument("--out", default="docs", help="folder for RESULTS.md (plots go to its img/)")
     experiments.add_argument("--repeats", type=int, default=20, help="timed runs per backend")
@@ -118,7 +130,10 @@ def _digits_commands(sub) -> None:
                              help="torch threads for the speed section (one: steady on a shared machine)")
     experiments.add_argument("--random-orders", type=int, default=10, help="orders averaged for the random ranking")
     experiments.add_argument("--seed", type=int, default=0, help="seed of the random-ranking orders")
-    experiments.add_argument("--checkpoint", metavar="PATH", help="a `vmeanba train-demo` checkpoint (default: bundled)")
+    experiments.add_argument("--checkpoint", metavar="PATH",
+                             help="a `vmeanba train-demo` digits checkpoint (default: bundled)")
+    experiments.add_argument("--segmentation-checkpoint", metavar="PATH",
+                             help="a `vmeanba train-demo --task segmentation` checkpoint (default: bundled)")
     _add_quiet(experiments)
 
 

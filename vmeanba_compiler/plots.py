@@ -1,4 +1,5 @@
-"""PNG plots of calibration profiles and accuracy curves (matplotlib, Agg: no display needed).
+"""PNG plots of calibration profiles, accuracy (mIoU) curves and segmentation predictions
+(matplotlib, Agg: no display needed).
 
 Figures are small (about 6x3 inches at 100 dpi, tens of kB) so they can live in docs/img/.
 """
@@ -6,7 +7,9 @@ Figures are small (about 6x3 inches at 100 dpi, tens of kB) so they can live in 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
+
+from torch import Tensor
 
 from .evaluation import AccuracyCurve
 from .extras import import_extra
@@ -62,9 +65,10 @@ def plot_site_metrics(profile: Profile, path: Union[str, Path], selected: Sequen
     return _save(fig, path)
 
 
-def plot_accuracy_vs_k(curves: Sequence[AccuracyCurve], path: Union[str, Path], title: str = "") -> Path:
-    """Accuracy against the number K of sites reduced, one line per ranking (random: mean, with
-    the min-max band over its orders)."""
+def plot_accuracy_vs_k(curves: Sequence[AccuracyCurve], path: Union[str, Path], title: str = "",
+                       ylabel: str = "accuracy (%)") -> Path:
+    """Accuracy (or the curves' other metric, named by `ylabel`) against the number K of sites
+    reduced, one line per ranking (random: mean, with the min-max band over its orders)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for curve in curves:
@@ -76,10 +80,37 @@ def plot_accuracy_vs_k(curves: Sequence[AccuracyCurve], path: Union[str, Path], 
             ax.fill_between(ks, [100 * lo for lo, _ in curve.spread], [100 * hi for _, hi in curve.spread],
                             color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel("K = sites reduced")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_xticks(range(len(curves[0].accuracies)) if curves else [])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_segmentations(images: Tensor, labels: Tensor, predictions: Mapping[str, Tensor],
+                       path: Union[str, Path]) -> Path:
+    """One column per image: the image, its label map, then each named prediction (label maps
+    (n, H, W), class 0 = background drawn white), so a rewrite's mistakes show beside the
+    baseline's. Classes share one fixed colour map across rows."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+
+    classes = int(max(labels.max(), *(p.max() for p in predictions.values()))) + 1
+    palette = ListedColormap(["white", *plt.get_cmap("tab10").colors][: max(classes, 2)])
+    rows = [("image", None), ("label", labels), *predictions.items()]
+    fig, axes = plt.subplots(len(rows), images.shape[0], figsize=(1.3 * images.shape[0] + 0.8, 1.3 * len(rows)),
+                             squeeze=False)
+    for r, (name, maps) in enumerate(rows):
+        for c in range(images.shape[0]):
+            ax = axes[r][c]
+            if maps is None:
+                ax.imshow(images[c, 0], cmap="gray_r", vmin=0, vmax=1)
+            else:
+                ax.imshow(maps[c], cmap=palette, vmin=0, vmax=palette.N - 1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(name, fontsize=8)
+    fig.suptitle("test canvases: colour = digit class (white: background)", fontsize=9)
     return _save(fig, path)
