@@ -54,6 +54,7 @@ def test_calibration_with_a_dataloader_and_task_loss(mini):
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     profile = vc.calibrate(model, loader, loss_fn=torch.nn.functional.cross_entropy, progress=False)
     assert profile.settings["impact"] == "loss" and profile.num_batches == 2
+    assert profile.settings["measured_output"] == "approximated_part"  # what a threshold is judged on
 
 
 def test_profile_round_trip_and_threshold_compile_equals_eager_rewrite(mini, mini_profile, tmp_path):

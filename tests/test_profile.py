@@ -413,3 +413,22 @@ def test_parameter_hash_identifies_weights_and_buffers() -> None:
     c[1].running_mean[0] = 0.5
     assert parameter_hash(a) != parameter_hash(c)
     assert parameter_hash(_model().to(torch.bfloat16)) != parameter_hash(a)  # dtype is part of the hash
+
+
+def test_a_threshold_on_an_older_profiles_whole_output_metrics_is_warned_about(caplog) -> None:
+    """Profiles from before the metrics left out the exact D*u skip carry no "measured_output"
+    setting: a threshold on their ratio selects by other numbers, so the config says so."""
+    from vmeanba_compiler.config import VMeanbaConfig
+
+    older = _profile()  # settings as an older release wrote them
+    current = _profile(settings={**older.settings, "measured_output": "approximated_part"})
+    mean_skip = _profile(settings={**older.settings, "skip_mode": "mean"})  # whole output is right there
+    with caplog.at_level("WARNING", logger="vmeanba_compiler"):
+        VMeanbaConfig.from_options({"profile": older, "threshold": 0.5})
+    assert "older vmeanba-compiler" in caplog.text and "re-run vmeanba_compiler.calibrate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vmeanba_compiler"):
+        VMeanbaConfig.from_options({"profile": current, "threshold": 0.5})
+        VMeanbaConfig.from_options({"profile": older, "top_k": 1})  # impact does not involve the skip
+        VMeanbaConfig.from_options({"profile": mean_skip, "threshold": 0.5, "skip_mode": "mean"})
+    assert caplog.text == ""

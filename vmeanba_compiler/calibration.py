@@ -25,7 +25,7 @@ from .passes.scan_sites import SiteIdCollisionError, find_scan_sites, scan_argum
 from .passes.site_identity import SharedGraph
 from .passes.site_selection import site_signature
 from .profile import PROFILE_FORMAT_VERSION, Profile, SiteSignature, SiteStats, parameter_hash
-from .rewrite_modes import DEFAULT_DT_MODE, DEFAULT_SKIP_MODE, REWRITE_SETTINGS
+from .rewrite_modes import DEFAULT_DT_MODE, DEFAULT_SKIP_MODE, MEASURED_OUTPUT, MEASURED_OUTPUT_SETTING, REWRITE_SETTINGS
 from .tracing import backend_errors_unwrapped, call_with_inputs, fresh_trace
 
 log = logging.getLogger("vmeanba_compiler.calibration")
@@ -211,7 +211,7 @@ def calibrate(
         parameter_hash=parameter_hash(model),
         num_batches=num_batches,
         num_samples=num_samples,
-        settings={"dt_mode": dt_mode, "skip_mode": skip_mode,
+        settings={"dt_mode": dt_mode, "skip_mode": skip_mode, MEASURED_OUTPUT_SETTING: MEASURED_OUTPUT,
                   "impact": None if not impact else ("loss" if loss_fn else "kl")},
     )
 

@@ -13,6 +13,7 @@ The fields' metadata ("choices", "help") is what the command line builds its fla
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
 from .profile import Profile, ProfileMismatchError
-from .rewrite_modes import DEFAULT_DT_MODE, DEFAULT_SKIP_MODE, DT_MODES, REWRITE_SETTINGS, SKIP_MODES, recorded_modes
+from .rewrite_modes import (DEFAULT_DT_MODE, DEFAULT_SKIP_MODE, DT_MODES, REWRITE_SETTINGS, SKIP_MODES,
+                            measures_whole_output, recorded_modes)
+
+log = logging.getLogger(__name__)
 
 METRICS = ("ratio", "variance")
 
@@ -151,6 +155,12 @@ class VMeanbaConfig:
                 f"metrics describe the other reduction. Pass options {measured} (as calibrated), or re-run "
                 f"vmeanba_compiler.calibrate with {configured}"
             )
+        if self.threshold is not None and measures_whole_output(self.profile.settings):
+            log.warning(
+                "the profile was calibrated by an older vmeanba-compiler, whose %s was measured on the whole "
+                "output including the exact D*u skip (now: without it, docs/DESIGN.md section 3), so "
+                "threshold=%s selects by the old numbers; re-run vmeanba_compiler.calibrate to measure "
+                "them as this release does", self.metric, self.threshold)
 
     def rewrite_options(self) -> dict[str, str]:
         """The rewrite modes as options, e.g. to calibrate (`calibrate(..., config=...)`) or compile alike."""

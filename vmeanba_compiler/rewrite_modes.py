@@ -25,3 +25,16 @@ REWRITE_SETTINGS = {"dt_mode": DT_MODES, "skip_mode": SKIP_MODES}
 def recorded_modes(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The rewrite modes a profile's settings record (those present): what it was measured under."""
     return {name: settings[name] for name in REWRITE_SETTINGS if name in settings}
+
+
+# Profile.settings key saying what a profile's output metrics (ratio, variance, relative error)
+# were measured on: "approximated_part" = the output without the D*u skip where skip_mode "exact"
+# keeps that skip exactly (docs/DESIGN.md section 3). Profiles written before it existed measured
+# the whole output; `measures_whole_output` tells them apart.
+MEASURED_OUTPUT_SETTING = "measured_output"
+MEASURED_OUTPUT = "approximated_part"
+
+
+def measures_whole_output(settings: Mapping[str, Any]) -> bool:
+    """Whether a profile's output metrics include an exact-mode D*u skip (older profiles)."""
+    return settings.get("skip_mode") == "exact" and settings.get(MEASURED_OUTPUT_SETTING) != MEASURED_OUTPUT
