@@ -37,7 +37,8 @@ inside the program, then added atomically, because a group's channels span progr
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import torch
 import triton
@@ -291,31 +292,44 @@ def _scan_backward_kernel(
 
 
 # --- host side -----------------------------------------------------------------------------------
+# Shared with `vmeanba_triton.py`, whose kernels take the inputs and gradient buffers alike.
 
 
-def _block_n(shape: ScanShape) -> int:
+def block_n(shape: ScanShape) -> int:
+    """BLOCK_N: the state count rounded up to a power of two (tiles have power-of-two sides)."""
     return triton.next_power_of_2(max(shape.state, 1))
 
 
-def _optional(t: Optional[Tensor], stand_in: Tensor, ndim: int) -> tuple:
+def optional_argument(t: Optional[Tensor], stand_in: Tensor, ndim: int) -> tuple:
     """(tensor, *strides) for an optional argument; an absent one becomes `stand_in` with zero
     strides, which the kernel never reads (its HAS_* flag is off)."""
     return (stand_in, *([0] * ndim)) if t is None else (t, *t.stride())
 
 
-def _scan_arguments(shape: ScanShape, u, delta, A, B, C, D, z, delta_bias) -> tuple:
+def scan_arguments(shape: ScanShape, u, delta, A, B, C, D, z, delta_bias) -> tuple:
     """The inputs in the kernels' argument order, each followed by its strides."""
     return (
         u, *u.stride(), delta, *delta.stride(), A, *A.stride(),
         B, *projection_strides(B, shape.b_form, shape.dim),
         C, *projection_strides(C, shape.c_form, shape.dim),
-        *_optional(D, u, 1), *_optional(z, u, 3), *_optional(delta_bias, u, 1),
+        *optional_argument(D, u, 1), *optional_argument(z, u, 3), *optional_argument(delta_bias, u, 1),
     )
 
 
-def _flags(D, z, delta_bias, delta_softplus: bool) -> dict:
+def input_flags(D, z, delta_bias, delta_softplus: bool) -> dict:
     return {"HAS_D": D is not None, "HAS_Z": z is not None, "HAS_BIAS": delta_bias is not None,
             "SOFTPLUS": bool(delta_softplus)}
+
+
+def projection_flags(shape: ScanShape) -> dict:
+    """Whether B and C vary over time (grouped or shared) or are fixed rows."""
+    return {"B_VARIES": shape.b_form is not ProjectionForm.FIXED, "C_VARIES": shape.c_form is not ProjectionForm.FIXED}
+
+
+def max_chunks(kernel: Any, length: int) -> int:
+    """Time chunks at the shortest BLOCK_T of an autotuned kernel's configs: a scratch of
+    per-chunk carries must fit whichever config the autotuner runs."""
+    return triton.cdiv(length, min(config.kwargs["BLOCK_T"] for config in kernel.configs))
 
 
 def forward(
@@ -337,9 +351,9 @@ def forward(
     if batch * dim == 0:
         return y, last_state
     launcher(_scan_forward_kernel)[lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch)](
-        *_scan_arguments(shape, u, delta, A, B, C, D, z, delta_bias),
+        *scan_arguments(shape, u, delta, A, B, C, D, z, delta_bias),
         y, last_state, batch, dim, state, length,
-        **_flags(D, z, delta_bias, delta_softplus), BLOCK_N=_block_n(shape),
+        **input_flags(D, z, delta_bias, delta_softplus), BLOCK_N=block_n(shape),
     )
     return y, last_state
 
@@ -353,6 +367,70 @@ def _projection_grad(proj: Tensor, form: ProjectionForm, shape: ScanShape, math:
         return rows, (shape.dim * shape.state, shape.state, 1, 0)
     grad = torch.zeros(proj.shape, dtype=math, device=proj.device)
     return grad, projection_strides(grad, form, shape.dim)[:4]
+
+
+@dataclasses.dataclass
+class GradientBuffers:
+    """What a backward kernel writes: gradients of u, delta and z per element in their dtypes;
+    per (batch row, channel) rows of A's, D's and delta_bias's gradients in the math dtype; B's
+    and C's buffers (`_projection_grad`). `gradients` reduces them to the op's results."""
+
+    shape: ScanShape
+    u: Tensor
+    delta: Tensor
+    z: Optional[Tensor]
+    A_rows: Tensor
+    D_rows: Tensor
+    bias_rows: Tensor
+    B: tuple[Tensor, tuple[int, ...]]
+    C: tuple[Tensor, tuple[int, ...]]
+
+    @classmethod
+    def allocate(cls, shape: ScanShape, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor],
+                 zeroed_rows: bool = False) -> "GradientBuffers":
+        """zeroed_rows: D's and delta_bias's rows start at zero, for a kernel that adds into them."""
+        batch, dim, length = shape.batch, shape.dim, shape.length
+        math, device = compute_dtype_for(u), u.device
+        rows = torch.zeros if zeroed_rows else torch.empty
+        return cls(
+            shape,
+            torch.empty((batch, dim, length), dtype=u.dtype, device=device),
+            torch.empty((batch, dim, length), dtype=delta.dtype, device=device),
+            None if z is None else torch.empty((batch, dim, length), dtype=z.dtype, device=device),
+            torch.empty((batch, dim, shape.state), dtype=math, device=device),
+            rows((batch, dim), dtype=math, device=device),
+            rows((batch, dim), dtype=math, device=device),
+            _projection_grad(B, shape.b_form, shape, math),
+            _projection_grad(C, shape.c_form, shape, math),
+        )
+
+    def kernel_arguments(self) -> tuple:
+        """The buffers in the backward kernels' argument order (gu .. gC with strides)."""
+        return (self.u, self.delta, self.u if self.z is None else self.z, self.A_rows, self.D_rows, self.bias_rows,
+                self.B[0], *self.B[1], self.C[0], *self.C[1])
+
+    def gradients(self, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor]
+                  ) -> list[Tensor]:
+        """Gradients for (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype; a
+        zero-size tensor stands for an argument that was None."""
+
+        def fixed_summed(grad: Tensor, form: ProjectionForm) -> Tensor:
+            return grad.sum(0) if form is ProjectionForm.FIXED else grad
+
+        def absent() -> Tensor:
+            # One fresh placeholder per missing argument: a custom op's outputs may not alias.
+            return self.u.new_empty(0)
+
+        return [
+            self.u,
+            self.delta,
+            self.A_rows.sum(0).to(A.dtype),
+            fixed_summed(self.B[0], self.shape.b_form).to(B.dtype),
+            fixed_summed(self.C[0], self.shape.c_form).to(C.dtype),
+            absent() if D is None else self.D_rows.sum(0).to(D.dtype),
+            absent() if self.z is None else self.z,
+            absent() if delta_bias is None else self.bias_rows.sum(0).to(delta_bias.dtype),
+        ]
 
 
 def backward(
@@ -371,49 +449,17 @@ def backward(
     """Gradients for (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype; a
     zero-size tensor stands for an argument that was None."""
     shape = validate_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    batch, dim, state, length = shape.batch, shape.dim, shape.state, shape.length
-    math, device = compute_dtype_for(u), u.device
+    batch, dim = shape.batch, shape.dim
     kernel = _scan_backward_kernel
-    min_block_t = min(config.kwargs["BLOCK_T"] for config in kernel.configs)
-    max_chunks = triton.cdiv(length, min_block_t)
-
-    grad_u = torch.empty((batch, dim, length), dtype=u.dtype, device=device)
-    grad_delta = torch.empty((batch, dim, length), dtype=delta.dtype, device=device)
-    grad_z = None if z is None else torch.empty((batch, dim, length), dtype=z.dtype, device=device)
-    grad_A_rows = torch.empty((batch, dim, state), dtype=math, device=device)
-    grad_D_rows = torch.empty((batch, dim), dtype=math, device=device)
-    grad_bias_rows = torch.empty((batch, dim), dtype=math, device=device)
-    grad_B, grad_B_strides = _projection_grad(B, shape.b_form, shape, math)
-    grad_C, grad_C_strides = _projection_grad(C, shape.c_form, shape, math)
-    states = torch.empty((batch, dim, max_chunks, state), dtype=math, device=device)
-
+    chunks = max_chunks(kernel, shape.length)
+    grads = GradientBuffers.allocate(shape, u, delta, B, C, z)
+    states = torch.empty((batch, dim, chunks, shape.state), dtype=compute_dtype_for(u), device=u.device)
     if batch * dim > 0:
         launcher(kernel)[lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch)](
-            grad_y, *grad_y.stride(), *_optional(grad_last_state, u, 3),
-            *_scan_arguments(shape, u, delta, A, B, C, D, z, delta_bias),
-            grad_u, grad_delta, u if grad_z is None else grad_z,
-            grad_A_rows, grad_D_rows, grad_bias_rows,
-            grad_B, *grad_B_strides, grad_C, *grad_C_strides,
-            states, max_chunks, batch, dim, state, length,
-            HAS_GLAST=grad_last_state is not None, **_flags(D, z, delta_bias, delta_softplus),
-            B_VARIES=shape.b_form is not ProjectionForm.FIXED, C_VARIES=shape.c_form is not ProjectionForm.FIXED,
-            BLOCK_N=_block_n(shape),
+            grad_y, *grad_y.stride(), *optional_argument(grad_last_state, u, 3),
+            *scan_arguments(shape, u, delta, A, B, C, D, z, delta_bias),
+            *grads.kernel_arguments(), states, chunks, batch, dim, shape.state, shape.length,
+            HAS_GLAST=grad_last_state is not None, **input_flags(D, z, delta_bias, delta_softplus),
+            **projection_flags(shape), BLOCK_N=block_n(shape),
         )
-
-    def fixed_summed(grad: Tensor, form: ProjectionForm) -> Tensor:
-        return grad.sum(0) if form is ProjectionForm.FIXED else grad
-
-    def absent() -> Tensor:
-        # One fresh placeholder per missing argument: a custom op's outputs may not alias.
-        return u.new_empty(0)
-
-    return [
-        grad_u,
-        grad_delta,
-        grad_A_rows.sum(0).to(A.dtype),
-        fixed_summed(grad_B, shape.b_form).to(B.dtype),
-        fixed_summed(grad_C, shape.c_form).to(C.dtype),
-        absent() if D is None else grad_D_rows.sum(0).to(D.dtype),
-        absent() if z is None else grad_z,
-        absent() if delta_bias is None else grad_bias_rows.sum(0).to(delta_bias.dtype),
-    ]
+    return grads.gradients(A, B, C, D, delta_bias)
