@@ -1,13 +1,13 @@
 """How the scan ops reach the Triton kernels for CUDA tensors.
 
 `vmeanba::selective_scan` and its backward op (registered in `vmeanba_compiler/ops.py`) and
-`vmeanba::reduced_selective_scan` (`vmeanba_compiler/reduced_op.py`, kernel in
-`vmeanba_triton.py`) each get two registrations, because eager calls and compiled graphs need
+`vmeanba::reduced_selective_scan` and its backward op (`vmeanba_compiler/reduced_op.py`, kernels
+in `vmeanba_triton.py`) each get two registrations, because eager calls and compiled graphs need
 different things:
 
-- `register_kernel("cuda")` (`forward`, `backward` here): an eager call on CUDA tensors
-  launches the kernels of `scan_triton.py` directly.
-- a rule for `FunctionalTensorMode` (`inline_forward`, `inline_backward`): when AOT autograd
+- `register_kernel("cuda")` (`forward`, `backward`, `reduced_forward`, `reduced_backward` here):
+  an eager call on CUDA tensors launches the Triton kernels directly.
+- a rule for `FunctionalTensorMode` (`inline_forward`, `inline_backward`, ...): when AOT autograd
   functionalises a graph for Inductor, a call on CUDA tensors is traced *into* the launcher,
   whose kernel launches are then recorded through `torch.library.wrap_triton`. Inductor sees
   user-defined Triton kernels instead of an opaque op and inlines them into its generated
@@ -68,10 +68,22 @@ def reduced_forward(
     )
 
 
+def reduced_backward(
+    grad_y: Tensor, grad_last_state: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+    groups: int, dt_mode: str, skip_mode: str,
+) -> list[Tensor]:
+    """The reduced-site backward op's CUDA kernel: `vmeanba_triton.fused_reduced_scan_backward`."""
+    return _reduced_kernels().fused_reduced_scan_backward(
+        grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, groups, dt_mode, skip_mode
+    )
+
+
 def inline_on_cuda(launch: Callable[..., Any]) -> Callable:
     """A FunctionalTensorMode rule that traces CUDA calls into `launch` (which takes the op's
-    arguments): its Triton launches are recorded, and torch ops it calls (e.g. a backward
-    written as a composition) are functionalised like any other."""
+    arguments): its Triton launches are recorded, and torch ops it calls (the buffers it
+    allocates, the sums over batch rows of the backward's per-row gradients) are functionalised
+    like any other."""
 
     def rule(mode, op, types, args, kwargs):
         # args[0] is u (forward) or grad_y (backward): the op's device.
@@ -89,3 +101,4 @@ def inline_on_cuda(launch: Callable[..., Any]) -> Callable:
 inline_forward = inline_on_cuda(forward)
 inline_backward = inline_on_cuda(backward)
 inline_reduced_forward = inline_on_cuda(reduced_forward)
+inline_reduced_backward = inline_on_cuda(reduced_backward)

@@ -3,7 +3,7 @@
 Device side (`@triton.jit` helpers, inlined into the kernels that call them): the affine combine
 of the scan recurrence, an accurate softplus and its slope, step sizes, one chunk of the
 recurrence, column extraction. They are written once so the plain scan (`scan_triton.py`) and
-the fused VMeanba kernel (`vmeanba_triton.py`) compute the same thing the same way.
+the fused VMeanba kernels (`vmeanba_triton.py`) compute the same thing the same way.
 
 Host side:
 - `autotune_configs`: under the Triton interpreter (`TRITON_INTERPRET=1`, CPU tensors) one tiny

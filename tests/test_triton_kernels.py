@@ -14,12 +14,14 @@ Four kinds of check, so the kernels are exercised with and without a GPU:
 3. Dispatch (CPU): AOT tracing with fake CUDA tensors turns the op and its backward op into
    Triton kernel launches (what Inductor inlines); CPU tensors keep the op as one node.
 4. GPU (`-m gpu`, skipped without CUDA): the real kernels against the reference, the op's CUDA
-   dispatch, and Inductor's generated code for a compiled SS2D block containing the Triton scan.
+   dispatch, and Inductor's generated code for a compiled SS2D block containing the Triton scan,
+   and for a training step of a rewritten one (the fused reduced-site kernels, both ways).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -42,6 +44,7 @@ INTERPRETER_CASES = (
     "test_backward_matches_autograd_through_reference",
     "test_fused_site_matches_reduced_scan",
     "test_fused_site_backward_matches_reference",
+    "test_fused_site_backward_in_every_mode_with_and_without_options",
     "test_kernels_read_strided_views_in_place",
 )
 
@@ -183,14 +186,16 @@ def test_every_kernel_config_compiles_for_sm90(variant: str, monkeypatch) -> Non
         scan_triton.forward(*x.args())
         scan_triton.backward(x.u, grad_last, *x.args())
         vmeanba_triton.fused_reduced_scan(*x.args(), 4)
+        vmeanba_triton.fused_reduced_scan_backward(x.u, grad_last, *x.args(), 4)
         vmeanba_triton.fused_reduced_scan(*x.args(), 4, dt_mode="raw", skip_mode="mean")
+        vmeanba_triton.fused_reduced_scan_backward(x.u, None, *x.args(), 4, dt_mode="raw", skip_mode="mean")
 
     launches = _recorded_launches(monkeypatch, call)
-    assert len(launches) == 4
+    assert len(launches) == 6
     for index, (kernel, args, kwargs) in enumerate(launches):
         # All configs once; the other variants (and the other modes) check the compile-time
         # branches with one config.
-        configs = kernel.configs if variant == "float32-all-arguments" and index < 3 else kernel.configs[:1]
+        configs = kernel.configs if variant == "float32-all-arguments" and index < 4 else kernel.configs[:1]
         for config in configs:
             _compile_for_sm90(kernel, args, kwargs, config)
 
@@ -234,9 +239,9 @@ _DISPATCHED = [_ScanCall(), _ScanBackwardCall(), _ReducedCall(), _ReducedBackwar
 _DISPATCHED_IDS = ["forward_op", "backward_op", "reduced_op", "reduced_backward_op"]
 
 
-def _functional_graph_targets(module: torch.nn.Module, device: str) -> list[str]:
-    """Targets of the call nodes AOT autograd records (functionalised, as for Inductor), with fake
-    tensors on `device`: no GPU is needed to trace for CUDA."""
+def _functional_graph(module: torch.nn.Module, device: str) -> torch.fx.GraphModule:
+    """The graph AOT autograd records (functionalised, as for Inductor), with fake tensors on
+    `device`: no GPU is needed to trace for CUDA."""
     from torch._functorch.aot_autograd import aot_export_module
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -247,7 +252,12 @@ def _functional_graph_targets(module: torch.nn.Module, device: str) -> list[str]
         if isinstance(module, _ScanBackwardCall):
             args.insert(0, torch.randn(2, 8, 16, device=device))
     graph, _ = aot_export_module(module, tuple(args), trace_joint=False)
-    return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    return graph
+
+
+def _functional_graph_targets(module: torch.nn.Module, device: str) -> list[str]:
+    """Targets of the call nodes of `_functional_graph`."""
+    return [str(node.target) for node in _functional_graph(module, device).graph.nodes if node.op == "call_function"]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="kernels are interpreted functions in this process")
@@ -258,6 +268,24 @@ def test_cuda_calls_trace_into_triton_launches(module: torch.nn.Module) -> None:
     targets = _functional_graph_targets(module, "cuda")
     assert "triton_kernel_wrapper_functional" in targets, targets
     assert not any(target.startswith("vmeanba.") for target in targets), targets
+
+
+@pytest.mark.skipif(INTERPRETING, reason="kernels are interpreted functions in this process")
+@pytest.mark.parametrize("module, kernel", [(_ReducedCall(), "_fused_reduced_scan_kernel"),
+                                            (_ReducedBackwardCall(), "_fused_reduced_scan_backward_kernel")],
+                         ids=["reduced_op", "reduced_backward_op"])
+def test_reduced_site_traces_into_one_fused_kernel_each_way(module: torch.nn.Module, kernel: str) -> None:
+    """The reduced op and its backward op each become ONE launch of their fused kernel (not the
+    full scan's kernels around elementwise torch ops); the torch ops left allocate the outputs
+    and sum the per-batch-row parameter gradients."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    nodes = [node for node in _functional_graph(module, "cuda").graph.nodes if node.op == "call_function"]
+    launched = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__ for node in nodes
+                if str(node.target) == "triton_kernel_wrapper_functional"]
+    assert launched == [kernel], launched
+    aten = {str(node.target).split(".")[1] for node in nodes if str(node.target).startswith("aten.")}
+    assert aten <= {"empty", "zeros", "new_empty", "sum", "_to_copy", "_assert_tensor_metadata"}, aten
 
 
 @pytest.mark.parametrize("module", _DISPATCHED, ids=_DISPATCHED_IDS)
@@ -325,6 +353,20 @@ def test_gpu_fused_site_matches_reduced_scan(x: ScanInputs, data: st.DataObject)
 
 @pytest.mark.gpu
 @requires_cuda
+@settings(max_examples=30)
+@given(x=scan_inputs(**MEDIUM), data=st.data(), grad_seed=st.integers(0, 2**32 - 1), with_last_state=st.booleans())
+def test_gpu_fused_site_backward_matches_reference(x: ScanInputs, data: st.DataObject, grad_seed: int,
+                                                   with_last_state: bool) -> None:
+    import triton_checks
+
+    dim, base = x.u.shape[1], site_groups(x)
+    groups = data.draw(st.sampled_from([g for g in range(base, dim + 1, base) if dim % g == 0]), label="groups")
+    modes = [data.draw(st.sampled_from(choices), label=name) for name, choices in REWRITE_SETTINGS.items()]
+    triton_checks.assert_fused_site_backward_matches_reference(x, groups, *modes, grad_seed, "cuda", with_last_state)
+
+
+@pytest.mark.gpu
+@requires_cuda
 @settings(max_examples=10)
 @given(x=scan_inputs(**MEDIUM, dtypes=(torch.float32,)), grad_seed=st.integers(0, 2**32 - 1))
 def test_gpu_kernels_read_strided_views_in_place(x: ScanInputs, grad_seed: int) -> None:
@@ -334,6 +376,8 @@ def test_gpu_kernels_read_strided_views_in_place(x: ScanInputs, grad_seed: int) 
     triton_checks.assert_forward_matches_reference(views, "cuda")
     triton_checks.assert_backward_matches_reference(views, grad_seed, True, "cuda")
     triton_checks.assert_fused_matches_reduced_site(views, site_groups(x), "cuda")
+    triton_checks.assert_fused_site_backward_matches_reference(views, site_groups(x), "effective", "exact", grad_seed,
+                                                              "cuda")
 
 
 @pytest.mark.gpu
@@ -397,3 +441,33 @@ def test_gpu_compiled_ss2d_training_inlines_the_triton_backward() -> None:
     code = "\n".join(sources)
     assert "_scan_forward_kernel" in code and "_scan_backward_kernel" in code
     assert "torch.ops.vmeanba.selective_scan" not in code
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dt_mode, skip_mode", [("effective", "exact"), ("raw", "mean")])
+def test_gpu_rewritten_training_step_inlines_the_fused_backward(dt_mode: str, skip_mode: str) -> None:
+    """A training step of a rewritten SS2D block (its one scan site reduced) compiled with
+    backend="vmeanba": Inductor's generated code launches the fused forward and backward kernels
+    (no opaque op), and the gradients equal those of the same rewrite run eagerly."""
+    from torch._inductor.utils import run_and_get_code
+
+    options = {"sites": [":0"], "dt_mode": dt_mode, "skip_mode": skip_mode}
+    model, x = _ss2d_and_input()
+
+    def gradients(compiled: torch.nn.Module) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        compiled(x).square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    expected = gradients(torch.compile(model, backend="vmeanba", options={**options, "inductor": False}))
+    torch._dynamo.reset()
+    actual, sources = run_and_get_code(gradients, torch.compile(model, backend="vmeanba", options=options))
+    code = "\n".join(sources)
+    assert "_fused_reduced_scan_kernel" in code and "_fused_reduced_scan_backward_kernel" in code
+    assert not re.search(r"(?<!_reduced)_scan_(forward|backward)_kernel", code), "the full scan's kernels ran"
+    assert "torch.ops.vmeanba" not in code, "a scan op is still called as an opaque extern kernel"
+    rtol, atol = MODEL_TOLERANCES[torch.float32]
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=rtol, atol=atol, msg=lambda m: f"grad of {name}: {m}")

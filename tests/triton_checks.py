@@ -18,7 +18,7 @@ from torch import Tensor
 from vmeanba_compiler.lowering import scan_triton, vmeanba_triton
 from vmeanba_compiler.scan_schema import compute_dtype_for
 from vmeanba_compiler.lowering.scan_reference import selective_scan_reference
-from vmeanba_compiler.lowering.reduced_scan import reduced_scan_backward, reduced_scan_reference
+from vmeanba_compiler.lowering.reduced_scan import reduced_scan_reference
 from vmeanba_compiler.testing import ScanInputs, assert_scan_close, vmeanba_formula
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -115,24 +115,32 @@ def assert_fused_matches_reduced_site(
 
 
 def assert_fused_site_backward_matches_reference(
-    x: ScanInputs, groups: int, dt_mode: str, skip_mode: str, grad_seed: int, device: str
+    x: ScanInputs, groups: int, dt_mode: str, skip_mode: str, grad_seed: int, device: str,
+    with_last_state: bool = True,
 ) -> None:
-    """The reduced site's backward on `device` (its composition around the Triton scan kernels, as
-    the CUDA op runs it) against autograd through the float64 reference composition."""
+    """The fused backward kernel (`vmeanba_triton.fused_reduced_scan_backward`) on `device` against
+    autograd through the float64 reference composition (`reduced_scan_reference`), on the same
+    values: the output gradient is drawn in u's dtype, the last state's in the math dtype.
+    Tolerances: `TOLERANCES` of u's dtype (the kernel computes in the math dtype and rounds each
+    gradient once, like the forward)."""
     gen = torch.Generator().manual_seed(grad_seed)
-    grad_y = torch.randn(x.u.shape, generator=gen, dtype=torch.float64)
-    grad_last = torch.randn(*x.u.shape[:2], x.A.shape[1], generator=gen, dtype=torch.float64)
     math = compute_dtype_for(x.u)
+    grad_y = torch.randn(x.u.shape, generator=gen, dtype=torch.float64).to(x.u.dtype)
+    grad_last = torch.randn(*x.u.shape[:2], x.A.shape[1], generator=gen, dtype=torch.float64).to(math)
     with nan_filled_buffers():
-        grads = reduced_scan_backward(
-            grad_y.to(device, x.u.dtype), grad_last.to(device, math), *on_device(x, device).args(), groups, dt_mode,
-            skip_mode, scan_triton.forward, scan_triton.backward,
+        grads = vmeanba_triton.fused_reduced_scan_backward(
+            grad_y.to(device), grad_last.to(device) if with_last_state else None, *on_device(x, device).args(),
+            groups, dt_mode, skip_mode,
         )
-    leaves = [None if t is None else t.detach().double().requires_grad_() for t in x.args()[:-1]]
+    leaves = [None if t is None else t.detach().cpu().double().requires_grad_() for t in x.args()[:-1]]
     y, last_state = reduced_scan_reference(*leaves, x.delta_softplus, groups=groups, dt_mode=dt_mode,
                                            skip_mode=skip_mode)
+    outputs, seeds = [y], [grad_y.double()]
+    if with_last_state:
+        outputs.append(last_state)
+        seeds.append(grad_last.double())
     present = [t for t in leaves if t is not None]
-    expected = iter(torch.autograd.grad([y, last_state], present, [grad_y, grad_last], allow_unused=True))
+    expected = iter(torch.autograd.grad(outputs, present, seeds, allow_unused=True))
     for name, got, leaf, given in zip(GRAD_NAMES, grads, leaves, x.args()):
         if leaf is None:
             assert got.numel() == 0, f"grad of absent {name} should be an empty placeholder"

@@ -9,6 +9,7 @@ runs each tile operation in numpy, a scan element by element): the kernels' inte
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -58,12 +59,41 @@ def test_fused_site_matches_reduced_scan(x: ScanInputs, data: st.DataObject) -> 
     triton_checks.assert_fused_matches_reduced_site(x, groups, "cpu", dt_mode, skip_mode)
 
 
-@settings(max_examples=6)
-@given(x=scan_inputs(**SMALL, dtypes=(torch.float32, torch.float64)), data=st.data(),
-       grad_seed=st.integers(0, 2**32 - 1))
-def test_fused_site_backward_matches_reference(x: ScanInputs, data: st.DataObject, grad_seed: int) -> None:
+@settings(max_examples=8)
+@given(x=scan_inputs(**SMALL), data=st.data(), grad_seed=st.integers(0, 2**32 - 1), with_last_state=st.booleans())
+def test_fused_site_backward_matches_reference(x: ScanInputs, data: st.DataObject, grad_seed: int,
+                                               with_last_state: bool) -> None:
     groups, dt_mode, skip_mode = _reduction(x, data)
-    triton_checks.assert_fused_site_backward_matches_reference(x, groups, dt_mode, skip_mode, grad_seed, "cpu")
+    triton_checks.assert_fused_site_backward_matches_reference(x, groups, dt_mode, skip_mode, grad_seed, "cpu",
+                                                              with_last_state)
+
+
+def _tiny_site(options: bool, dtype: torch.dtype) -> ScanInputs:
+    """One batch row, 2 groups of 2 channels, 10 steps (two chunks): with `options`, D, z, a bias,
+    softplus, grouped B and fixed C; without, none of them, shared B and grouped C."""
+    gen = torch.Generator().manual_seed(int(options))
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    u, A = randn(1, 4, 10), -torch.exp(0.5 * randn(4, 3))
+    if options:
+        x = ScanInputs(u, 0.5 * randn(1, 4, 10), A, randn(1, 2, 3, 10), randn(4, 3), randn(4), randn(1, 4, 10),
+                       0.5 * randn(4), True)
+    else:
+        x = ScanInputs(u, 0.5 * torch.rand(1, 4, 10, generator=gen, dtype=torch.float64) + 0.01, A,
+                       randn(1, 3, 10), randn(1, 2, 3, 10))
+    return x.to(dtype)
+
+
+def test_fused_site_backward_in_every_mode_with_and_without_options() -> None:
+    """Every (dt_mode, skip_mode) with all optional inputs and with none, a fixed grid so no
+    combination is left to chance; the storage dtype cycles through float32, bfloat16 and float16,
+    so each meets both option sets (the hypothesis case above draws the rest, float64 too)."""
+    dtypes = itertools.cycle((torch.float32, torch.bfloat16, torch.float16))
+    for dt_mode, skip_mode, options in itertools.product(DT_MODES, SKIP_MODES, (True, False)):
+        x = _tiny_site(options, next(dtypes))
+        triton_checks.assert_fused_site_backward_matches_reference(x, 2, dt_mode, skip_mode, 0, "cpu")
 
 
 @settings(max_examples=6)
@@ -73,3 +103,5 @@ def test_kernels_read_strided_views_in_place(x: ScanInputs, grad_seed: int) -> N
     triton_checks.assert_forward_matches_reference(views, "cpu")
     triton_checks.assert_backward_matches_reference(views, grad_seed, True, "cpu")
     triton_checks.assert_fused_matches_reduced_site(views, site_groups(x), "cpu")
+    triton_checks.assert_fused_site_backward_matches_reference(views, site_groups(x), "effective", "exact", grad_seed,
+                                                              "cpu")

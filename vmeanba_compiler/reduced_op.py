@@ -6,17 +6,17 @@ pieces these read and write full-width tensors several times, which costs more t
 scan itself; as one op each device runs it fused:
 
 - CPU: `lowering/reduced_scan_cpu.c`, one pass over u, delta (and z) per (batch row, group);
-- CUDA: `lowering/vmeanba_triton.py`'s fused kernel, launched directly in eager mode and inlined
-  into Inductor's generated code under torch.compile (`lowering/cuda_dispatch.py`);
+- CUDA: `lowering/vmeanba_triton.py`'s fused kernels (forward and backward), launched directly in
+  eager mode and inlined into Inductor's generated code under torch.compile
+  (`lowering/cuda_dispatch.py`);
 - other devices: the composition of `lowering/reduced_scan.py` around the full scan op.
 
 The op takes the full op's arguments plus `groups`, `dt_mode` and `skip_mode` (keyword-only,
 plain ints and strings so FX graphs can spell them) and returns what the full op returns: y in
 u's dtype, shaped and laid out like u, and the last state (batch, dim, N) in the math dtype. The
-backward is an op of its own (the chain rule of `lowering/reduced_scan.py` around the full
-scan's backward op; on CUDA it is traced into that composition so Inductor inlines the scan's
-Triton backward and fuses the elementwise rest). An autocast rule reconciles u and delta of
-different dtypes the way the full op's does.
+backward is an op of its own: on CUDA the fused Triton backward kernel; on other devices the chain
+rule of `lowering/reduced_scan.py` around the full scan's backward op. An autocast rule
+reconciles u and delta of different dtypes the way the full op's does.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def _reduced_backward(
     skip_mode: str,
 ) -> list[Tensor]:
     """Gradients for (u, delta, A, B, C, D, z, delta_bias), contiguous, in the inputs' dtypes (a
-    zero-size tensor for an argument that was None), on every device."""
+    zero-size tensor for an argument that was None). Portable kernel (CPU and other devices): the
+    chain rule around the full scan's ops."""
     return _backward_composition(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                  groups, dt_mode, skip_mode)
 
@@ -125,11 +126,11 @@ def _backward(ctx, grad_y, grad_last_state):
 
 _reduced_selective_scan.register_autograd(_backward, setup_context=_setup_context)
 
-# CUDA: the fused Triton kernel, inlined into Inductor's code under torch.compile; the backward's
-# composition is traced through, so the full scan's Triton backward is inlined too.
+# CUDA: the fused Triton kernels, forward and backward, inlined into Inductor's code under torch.compile.
 _reduced_selective_scan.register_kernel("cuda")(cuda_dispatch.reduced_forward)
 _reduced_selective_scan.register_torch_dispatch(FunctionalTensorMode, cuda_dispatch.inline_reduced_forward)
-_reduced_backward.register_torch_dispatch(FunctionalTensorMode, cuda_dispatch.inline_on_cuda(_backward_composition))
+_reduced_backward.register_kernel("cuda")(cuda_dispatch.reduced_backward)
+_reduced_backward.register_torch_dispatch(FunctionalTensorMode, cuda_dispatch.inline_reduced_backward)
 
 _autocast_library = torch.library.Library("vmeanba", "IMPL")
 for _device_type, _dispatch_key in AUTOCAST_KEYS:
