@@ -20,6 +20,14 @@ For the fused kernel also: bytes it must move at least (every input read once, y
 state written once), the bandwidth that achieves as a fraction of the device's peak, and its
 time against reading u and delta once (two torch.sum calls).
 
+Backward (record key "backward"), for the same site and an output gradient of y's shape:
+- composed: `reduced_scan.reduced_scan_backward` on the scan ops, what the reduced op's CUDA
+  backward ran before it had its own kernel (torch means and chain rule around the full scan's
+  Triton backward on K channels);
+- fused: `fused_reduced_scan_backward`, the reduced op's CUDA backward now;
+with the fused kernel's minimum traffic (inputs and the output gradient read once, the
+gradients written once) and the bandwidth that achieves.
+
 Peak bandwidth is reported two ways: the vendor datasheet figure for the device (table below,
 None for devices not in it), and a measured device-to-device copy of 1 GiB, the practical peak.
 Times are medians over CUDA-event-timed calls, with L2 flushed before each call.
@@ -36,7 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..lowering.scan_reference import selective_scan_reference
-from ..lowering.reduced_scan import reduced_scan_composed
+from ..lowering.reduced_scan import reduced_scan_backward, reduced_scan_composed
 from .scan_cpu import ScanBenchShape, associative_scan_formulation, make_inputs
 from .timing import machine_info, summarize, time_cuda, write_json
 
@@ -75,6 +83,31 @@ def _pointwise_associative_scan(u, delta, A, B, C, D, delta_bias):
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_backward(args: tuple, groups: int, repeats: int) -> dict[str, Any]:
+    """The site's backward: composed vs fused, on the site's CUDA arguments `args`."""
+    from ..lowering import vmeanba_triton
+
+    grad_y = torch.randn_like(args[0])
+    contenders: dict[str, Callable[[], Any]] = {
+        "composed": lambda: reduced_scan_backward(grad_y, None, *args, groups, "effective", "exact",
+                                                  torch.ops.vmeanba.selective_scan,
+                                                  torch.ops.vmeanba.selective_scan_backward),
+        "fused": lambda: vmeanba_triton.fused_reduced_scan_backward(grad_y, None, *args, groups),
+    }
+    results_ms = {name: summarize(time_cuda(fn, repeats)) for name, fn in contenders.items()}
+    fused, composed = contenders["fused"](), contenders["composed"]()
+    moved = _nbytes(grad_y, *(t for t in args if isinstance(t, torch.Tensor)), *fused)
+    median = {name: r["median_ms"] for name, r in results_ms.items()}
+    return {
+        "results_ms": results_ms,
+        "best_config": str(getattr(vmeanba_triton._fused_reduced_scan_backward_kernel, "best_config", None)),
+        "composed_over_fused": median["composed"] / median["fused"],
+        "fused_min_bytes_moved": moved,
+        "fused_achieved_GBps": moved / (median["fused"] / 1e3) / 1e9,
+        "max_abs_diff_vs_composed": max(float((f - c).abs().max()) for f, c in zip(fused, composed) if f.numel()),
+    }
 
 
 def measure_shape(
@@ -131,6 +164,7 @@ def measure_shape(
             "over_read_u_delta_once": median["fused"] / median["read_u_delta_once"],
             "max_abs_diff_vs_reduced": float((y_fused - y_reduced).abs().max()),
         },
+        "backward": measure_backward(args, shape.groups, repeats),
     }
 
 
@@ -166,7 +200,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"B={batch:2d} dim={dim:4d} N={state:2d} L={length:4d}  full {r['full']['median_ms']:8.3f} ms  "
               f"reduced {r['reduced']['median_ms']:7.3f}  fused {r['fused']['median_ms']:7.3f}  "
               f"full/fused {record['speedups']['full_over_fused']:7.1f}x  fused {fused['achieved_GBps']:7.1f} GB/s "
-              f"({fused['fraction_of_copy_peak']:.0%} of copy peak)", flush=True)
+              f"({fused['fraction_of_copy_peak']:.0%} of copy peak)  backward: composed "
+              f"{record['backward']['results_ms']['composed']['median_ms']:7.3f}  fused "
+              f"{record['backward']['results_ms']['fused']['median_ms']:7.3f}", flush=True)
         torch._dynamo.reset()
 
     write_json(Path(args.out), {
