@@ -42,9 +42,10 @@ rule of the means, the broadcast, the skip and the gate):
   A's and fixed B/C's gradients are the reduced channel's divided by the width, written to each
   channel's row; time-varying B/C gradients are added atomically into their group's row (several
   reduced groups can share a B/C group). Rows per batch row are summed by the launcher, as for
-  the full scan. DRAM sees u and delta read twice, gy and z once, du, d delta, dz written once;
-  no full-width temporary (the composition this replaces materialised the means' inputs, the
-  pre-gate output, the expanded gradients and the softplus slope at full width).
+  the full scan. DRAM sees u and delta read at most twice (the sweep, then step c only where the
+  channel's own value enters), gy and z once, du, d delta, dz written once; no full-width
+  temporary (the composition this replaces materialised the step, the pre-gate output, the
+  expanded gradients and the softplus slope at full width, in separate passes).
 
 Work is split over batch x K programs only (the means need every channel of a group, the scan
 every earlier step), so small batches occupy few SMs: at batch 1 both kernels are bound by the
@@ -72,7 +73,9 @@ from .triton_common import (
 
 # (BLOCK_C channels per tile of the channel passes, BLOCK_T, num_warps).
 _CONFIGS = ((32, 64, 4), (64, 64, 8), (32, 128, 8), (128, 32, 8), (64, 128, 16))
-# The backward holds more [BLOCK_N, BLOCK_T] tiles at once (states, adjoint, their products).
+# The backward holds more [BLOCK_N, BLOCK_T] tiles at once (states, adjoint, their products), so
+# narrower channel tiles: compiled for sm_90 at N = 16 these use 104-255 registers, at most 40
+# bytes of spill stack ("effective"/"exact" with D, z and bias; none for "raw"/"mean").
 _BACKWARD_CONFIGS = ((8, 64, 4), (16, 64, 4), (32, 64, 8), (16, 128, 8), (64, 64, 16))
 _INTERPRETED = triton.Config({"BLOCK_C": 2, "BLOCK_T": 8}, num_warps=1)
 
