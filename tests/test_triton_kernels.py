@@ -404,6 +404,29 @@ def test_gpu_op_dispatches_cuda_tensors_to_the_triton_kernels() -> None:
         assert_scan_close(got, want, torch.float32, "op gradient vs scan_triton.backward")
 
 
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_reduced_op_dispatches_cuda_tensors_to_the_fused_kernels() -> None:
+    """Eager autograd through the reduced op on CUDA runs the fused forward and backward kernels."""
+    from vmeanba_compiler.lowering import vmeanba_triton
+    from vmeanba_compiler.testing import assert_scan_close
+
+    gen = torch.Generator().manual_seed(0)
+    batch, dim, state, length = 2, 32, 16, 200
+    args = [torch.randn(batch, dim, length, generator=gen), torch.randn(batch, dim, length, generator=gen),
+            -torch.rand(dim, state, generator=gen), torch.randn(batch, 2, state, length, generator=gen),
+            torch.randn(dim, state, generator=gen), torch.randn(dim, generator=gen),
+            torch.randn(batch, dim, length, generator=gen), torch.randn(dim, generator=gen)]
+    cuda_args = [t.cuda().requires_grad_() for t in args]
+    y, _ = torch.ops.vmeanba.reduced_selective_scan(*cuda_args, True, groups=4)
+    assert torch.equal(y, vmeanba_triton.fused_reduced_scan(*[t.detach() for t in cuda_args], True, 4)[0])
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, cuda_args, grad_y)
+    expected = vmeanba_triton.fused_reduced_scan_backward(grad_y, None, *[t.detach() for t in cuda_args], True, 4)
+    for got, want in zip(grads, expected):
+        assert_scan_close(got, want, torch.float32, "op gradient vs fused_reduced_scan_backward")
+
+
 def _ss2d_and_input():
     from vmeanba_compiler.models.ss2d import SS2D
 
