@@ -288,9 +288,11 @@ def _summed_output_grad(gy_ptr, sgy_b, sgy_d, sgy_t, z_ptr, sz_b, sz_d, sz_t, b,
     for c0 in range(0, width, BLOCK_C):
         cc = c_base + c0 + tl.arange(0, BLOCK_C)
         mask = ((c0 + tl.arange(0, BLOCK_C)) < width)[:, None] & t_ok[None, :]
-        g = tl.load(gy_ptr + b * sgy_b + cc[:, None] * sgy_d + t[None, :] * sgy_t, mask=mask, other=0.0).to(zeros.dtype)
+        g = tl.load(gy_ptr + b * sgy_b + cc[:, None] * sgy_d + t[None, :] * sgy_t, mask=mask, other=0.0)
+        g = g.to(zeros.dtype)
         if HAS_Z:
-            zt = tl.load(z_ptr + b * sz_b + cc[:, None] * sz_d + t[None, :] * sz_t, mask=mask, other=0.0).to(zeros.dtype)
+            zt = tl.load(z_ptr + b * sz_b + cc[:, None] * sz_d + t[None, :] * sz_t, mask=mask, other=0.0)
+            zt = zt.to(zeros.dtype)
             if SKIP_MEAN:
                 z_sum += tl.sum(zt, 0)
             else:
