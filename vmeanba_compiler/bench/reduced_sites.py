@@ -17,18 +17,25 @@ run mean anything):
    channel per group -> broadcast -> D*u (the composition of `lowering/reduced_scan.py`), run
    eagerly and compiled by Inductor (what a rewritten graph held before the fused op).
 
-Run (about 45 minutes on 2 busy cores; every model is compiled anew per batch size and thread
-count, since Inductor's CPU code is specialised on both):
+Run everything (about 45 minutes on 2 busy cores; every model is compiled anew per batch size
+and thread count, since Inductor's CPU code is specialised on both):
 
     python -m vmeanba_compiler.bench.reduced_sites --out results/cpu/reduced_sites.json
+
+or a part of it, merged into the file: `--only sites|models`, `--models`, `--batches`,
+`--threads`, `--states` pick the rows, and `--merge` keeps the file's other rows (a row is
+replaced by a new measurement of the same shape or model, batch and thread count). Every row
+records when it was measured and the load average around it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -52,8 +59,13 @@ MODELS = ("vmamba_v0_tiny", "vmamba_v2_tiny")
 IMAGE_SIZE = 224
 BATCHES = (1, 8)
 THREADS = (1, 2)
+SITE_STATES = (16, 1)  # d_state of VMamba v0 and v2
 TARGETS = {"vmamba_v0_tiny": 1.3, "vmamba_v2_tiny": 1.1}  # all reduced / floor, from the issue
 SITE_SPEEDUP_TARGET = 3.0
+FLOOR = ("every scan node of the graph the vmeanba backend would compile is replaced by the opaque custom op "
+         "vmeanba_bench::skip_only, which takes the scan's arguments and returns (D*u [* silu(z)], zero last "
+         "state); the step, B and C stay in the graph as its inputs (Inductor cannot drop them) but nothing "
+         "reads them; then Inductor compiles the graph. all / floor is what the reduced sites still cost.")
 
 
 @torch.library.custom_op("vmeanba_bench::skip_only", mutates_args=())
@@ -95,13 +107,21 @@ def _site_ids(model: torch.nn.Module, images: Tensor) -> list[str]:
     return [s.site_id for s in explain(model, images).sites]
 
 
-def bench_models(repeats: int, models: Sequence[str] = MODELS, image_size: int = IMAGE_SIZE) -> list[dict[str, Any]]:
+def _provenance(load_start: float) -> dict[str, Any]:
+    """When a row was measured and the 1-minute load average before and after it: rows of one file
+    may come from several runs (`--merge`), and a loaded machine skews timings."""
+    return {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}}
+
+
+def bench_models(repeats: int, models: Sequence[str] = MODELS, batches: Sequence[int] = BATCHES,
+                 threads_list: Sequence[int] = THREADS, image_size: int = IMAGE_SIZE) -> list[dict[str, Any]]:
     runs = []
-    for threads in THREADS:
+    for threads in threads_list:
         for name in models:
             torch.manual_seed(0)
             model = build_vmamba(name).eval()
-            for batch in BATCHES:
+            for batch in batches:
                 images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
                 sites = _site_ids(model, images[:1])
                 torch._dynamo.reset()
@@ -110,7 +130,7 @@ def bench_models(repeats: int, models: Sequence[str] = MODELS, image_size: int =
                     "all": torch.compile(model, backend="vmeanba", dynamic=False, options={"sites": sites}),
                     "floor": torch.compile(model, backend=floor_backend, dynamic=False),
                 }
-                start = time.perf_counter()
+                start, load_start = time.perf_counter(), os.getloadavg()[0]
                 timings = time_contenders(fns, images, max(4, repeats // batch), threads)
                 ms = {k: v["median_ms"] for k, v in timings.items()}
                 run = {
@@ -119,6 +139,7 @@ def bench_models(repeats: int, models: Sequence[str] = MODELS, image_size: int =
                     "all_over_floor": ms["all"] / ms["floor"], "none_over_all": ms["none"] / ms["all"],
                     "target_all_over_floor": TARGETS.get(name),
                     "meets_target": name in TARGETS and ms["all"] / ms["floor"] <= TARGETS[name],
+                    **_provenance(load_start),
                 }
                 log.info("%s batch %d threads %d: none %.1f ms, all %.1f ms, floor %.1f ms (all/floor %.3f) "
                          "in %.0f s", name, batch, threads, ms["none"], ms["all"], ms["floor"], run["all_over_floor"],
@@ -140,17 +161,18 @@ def _stage0_site(batch: int, state: int) -> tuple:
     return (u, delta, A, B, C, torch.randn(dim, generator=gen), None, torch.randn(dim, generator=gen), True), groups
 
 
-def bench_sites(repeats: int) -> list[dict[str, Any]]:
+def bench_sites(repeats: int, states: Sequence[int] = SITE_STATES, batches: Sequence[int] = BATCHES,
+                threads_list: Sequence[int] = THREADS) -> list[dict[str, Any]]:
     runs = []
 
     def chain(*args, groups: int):
         return reduced_scan_composed(*args, groups, "effective", "exact", torch.ops.vmeanba.selective_scan)
 
-    for threads in THREADS:
+    for threads in threads_list:
         torch._dynamo.reset()
         compiled_chain = torch.compile(chain, backend="inductor", dynamic=False)
-        for state in (16, 1):
-            for batch in BATCHES:
+        for state in states:
+            for batch in batches:
                 args, groups = _stage0_site(batch, state)
                 contenders = {
                     "fused": lambda: reduced_selective_scan(*args, groups=groups),
@@ -158,6 +180,7 @@ def bench_sites(repeats: int) -> list[dict[str, Any]]:
                     "chain_inductor": lambda: compiled_chain(*args, groups=groups),
                 }
                 samples: dict[str, list[float]] = {k: [] for k in contenders}
+                load_start = os.getloadavg()[0]
                 with torch.no_grad(), torch_threads(threads):
                     for fn in contenders.values():
                         fn()  # warm-up (and the Inductor compile)
@@ -171,6 +194,7 @@ def bench_sites(repeats: int) -> list[dict[str, Any]]:
                     "shape": {"batch": batch, "dim": 4 * 192, "groups": groups, "state": state, "length": 56 * 56},
                     "threads": threads, "results": ms, "speedup_over": speedups,
                     "meets_target": min(speedups.values()) >= SITE_SPEEDUP_TARGET,
+                    **_provenance(load_start),
                 })
                 log.info("site N=%d batch %d threads %d: fused %.2f ms, speedup %s", state, batch, threads, fused,
                          {k: round(v, 2) for k, v in speedups.items()})
@@ -178,36 +202,57 @@ def bench_sites(repeats: int) -> list[dict[str, Any]]:
     return runs
 
 
+def _site_key(row: dict[str, Any]) -> tuple:
+    return row["shape"]["state"], row["shape"]["batch"], row["threads"]
+
+
+def _model_key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["image_size"], row["batch"], row["threads"]
+
+
+def merged_rows(old: list[dict[str, Any]], new: list[dict[str, Any]], key: Callable) -> list[dict[str, Any]]:
+    """The rows of `old` that `new` does not measure again, plus `new`, sorted by key."""
+    rows = {key(row): row for row in old}
+    rows.update((key(row), row) for row in new)
+    return [rows[k] for k in sorted(rows)]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=16, help="timed rounds at batch 1 (divided by the batch)")
-    parser.add_argument("--site-repeats", type=int, default=30, help="timed rounds per site shape")
-    parser.add_argument("--skip-models", action="store_true", help="time the sites only")
+    parser.add_argument("--only", choices=("sites", "models"), help="run one part (default: both)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="VMamba configs to time")
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--threads", nargs="+", type=int, default=list(THREADS))
+    parser.add_argument("--states", nargs="+", type=int, default=list(SITE_STATES), help="site state sizes")
+    parser.add_argument("--repeats", type=int, default=16, help="timed model rounds at batch 1 (divided by the batch)")
+    parser.add_argument("--site-repeats", type=int, default=30, help="timed rounds per site shape")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     parser.add_argument("--out", default="results/cpu/reduced_sites.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing --out that this run does not measure again")
     args = parser.parse_args(argv)
-    load_at_start = os.getloadavg()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
-    sites = bench_sites(args.site_repeats)
-    models = [] if args.skip_models else bench_models(args.repeats, args.models, args.image_size)
-    write_json(Path(args.out), {
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if args.merge and out.exists() else {"sites": [], "models": []}
+    sites = [] if args.only == "models" else bench_sites(args.site_repeats, args.states, args.batches, args.threads)
+    models = [] if args.only == "sites" else bench_models(args.repeats, args.models, args.batches, args.threads,
+                                                          args.image_size)
+    write_json(out, {
         "benchmark": "reduced_sites",
-        "note": ("CPU times on a shared machine: only ratios within this file are meaningful. 'floor' replaces "
-                 "every scan by an opaque op returning D*u (the step, B and C are still computed, as its "
-                 "inputs); 'all' reduces every site with the fused vmeanba::reduced_selective_scan; 'none' "
-                 "reduces none. Sites: the fused op vs means -> full op -> broadcast -> D*u, eager and "
-                 "Inductor-compiled, at VMamba tiny's stage-0 shape."),
+        "note": ("CPU times on a shared machine: only ratios within one row are meaningful (each row's "
+                 "contenders ran interleaved; rows may come from different runs, see measured_at and "
+                 "load_average_1min). Models: 'none' reduces no site, 'all' reduces every site with the fused "
+                 "vmeanba::reduced_selective_scan, 'floor' as below. Sites: the fused op vs means -> full op "
+                 "-> broadcast -> D*u, eager and Inductor-compiled, at VMamba tiny's stage-0 shape."),
+        "floor": FLOOR,
         "targets": {"all_over_floor": TARGETS, "site_speedup": SITE_SPEEDUP_TARGET},
-        "sites": sites,
-        "models": models,
+        "sites": merged_rows(old["sites"], sites, _site_key),
+        "models": merged_rows(old["models"], models, _model_key),
         "machine": machine_info(),
-        "load_average_1min": {"start": load_at_start[0], "end": os.getloadavg()[0]},
     })
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
