@@ -70,6 +70,27 @@ def _empty_sequence_gives_empty_output(_: Path) -> None:
     assert y.shape == (2, 4, 0) and torch.equal(last_state, torch.zeros(2, 4, 3))
 
 
+def _reduced(groups: Any = 2, **changes: Any) -> Callable[[Path], Any]:
+    """The reduced-site op on `_scan(**changes)` (B in 2 groups, so groups may be 2 or 4)."""
+    return lambda d: torch.ops.vmeanba.reduced_selective_scan(**_scan(**changes), groups=groups)
+
+
+def _reduced_non_contiguous_inputs_match_contiguous(_: Path) -> None:
+    layouts = _scan(u=lambda a: a["u"].transpose(1, 2).contiguous().transpose(1, 2),
+                    B=lambda a: a["B"][:1].expand(2, -1, -1, -1), C=lambda a: a["C"].transpose(2, 3).contiguous().transpose(2, 3))
+    assert not layouts["u"].is_contiguous() and not layouts["B"].is_contiguous()
+    dense = {k: v.contiguous() for k, v in layouts.items()}
+    actual, expected = (torch.ops.vmeanba.reduced_selective_scan(**args, groups=2) for args in (layouts, dense))
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
+def _reduced_empty_sequence_gives_empty_output(_: Path) -> None:
+    y, last_state = torch.ops.vmeanba.reduced_selective_scan(
+        **_scan(u=torch.zeros(2, 4, 0), delta=torch.zeros(2, 4, 0), B=torch.zeros(2, 2, 3, 0), C=torch.zeros(2, 2, 3, 0),
+                z=torch.zeros(2, 4, 0)), groups=2)
+    assert y.shape == (2, 4, 0) and torch.equal(last_state, torch.zeros(2, 4, 3))
+
+
 @functools.cache
 def _model() -> torch.nn.Module:
     """One-site vmamba (site "stages.0.0.op:0"), built once."""
@@ -188,6 +209,7 @@ def _package_meta_program(directory: Path) -> Any:
 
 
 OP, CAL, LOAD, OPT = "selective_scan", "calibrate", "Profile.load", "torch.compile(options=...)"
+REDUCED = "vmeanba::reduced_selective_scan"
 COMPILE = 'torch.compile(backend="vmeanba")'
 CASES = [
     Case(OP, "u of rank 2", lambda d: vc.selective_scan(**_scan(u=lambda a: a["u"][0])), ValueError,
@@ -216,6 +238,37 @@ CASES = [
     Case(OP, "non-contiguous u, C and a stride-0 (expanded) B", _non_contiguous_inputs_match_contiguous, None,
          "accepted: the result equals that of contiguous copies"),
     Case(OP, "empty sequence (L = 0)", _empty_sequence_gives_empty_output, None,
+         "accepted: y is empty, the last state is zero"),
+    Case(REDUCED, "u of rank 2 (the full op's argument checks)", _reduced(u=lambda a: a["u"][0]), ValueError,
+         r"'u' has shape \(4, 6\) but expected \(batch, dim, L\)"),
+    Case(REDUCED, "groups do not divide the channel count", _reduced(groups=3), ValueError,
+         r"reduced_selective_scan: groups=3 must be a positive divisor of the channel count dim=4"),
+    Case(REDUCED, "groups = 0", _reduced(groups=0), ValueError,
+         r"reduced_selective_scan: groups=0 must be a positive divisor of the channel count dim=4"),
+    Case(REDUCED, "groups not a multiple of B's group count", _reduced(groups=1), ValueError,
+         r"reduced_selective_scan: groups=1 must be a multiple of B's group count 2, so each reduced channel reads "
+         r"one B group; pass groups as the lcm of B's and C's group counts"),
+    Case(REDUCED, "groups not a multiple of C's group count",
+         _reduced(B=lambda a: a["B"][:, 0], C=torch.zeros(2, 4, 3, 6)), ValueError,
+         r"reduced_selective_scan: groups=2 must be a multiple of C's group count 4"),
+    Case(REDUCED, "groups missing", lambda d: torch.ops.vmeanba.reduced_selective_scan(**_scan()), RuntimeError,
+         r"reduced_selective_scan\(\) is missing value for argument 'groups'"),
+    Case(REDUCED, "unknown dt_mode",
+         lambda d: torch.ops.vmeanba.reduced_selective_scan(**_scan(), groups=2, dt_mode="mean"), ValueError,
+         r"reduced_selective_scan: dt_mode must be one of \('effective', 'raw'\) and skip_mode one of "
+         r"\('exact', 'mean'\), got 'mean', 'exact'"),
+    Case(REDUCED, "unknown skip_mode",
+         lambda d: torch.ops.vmeanba.reduced_selective_scan(**_scan(), groups=2, skip_mode="none"), ValueError,
+         r"skip_mode one of \('exact', 'mean'\), got 'effective', 'none'"),
+    Case(REDUCED, "integer u", _reduced(u=torch.ones(2, 4, 6, dtype=torch.int64)), TypeError,
+         r"'u' has dtype torch\.int64; expected one of float16, bfloat16, float32, float64"),
+    Case(REDUCED, "delta in another dtype than u (outside autocast)", _reduced(delta=lambda a: a["delta"].half()),
+         TypeError, r"'delta' has dtype torch\.float16 but 'u' has torch\.float32; pass both in one dtype"),
+    Case(REDUCED, "an argument on another device", _reduced(A=lambda a: a["A"].to("meta")), RuntimeError,
+         r"'A' is on meta but 'u' is on cpu; move all arguments to one device"),
+    Case(REDUCED, "non-contiguous u, C and a stride-0 (expanded) B", _reduced_non_contiguous_inputs_match_contiguous,
+         None, "accepted: the result equals that of contiguous copies"),
+    Case(REDUCED, "empty sequence (L = 0)", _reduced_empty_sequence_gives_empty_output, None,
          "accepted: y is empty, the last state is zero"),
     Case(CAL, "model is not an nn.Module", _calibrate(model=lambda x: x), TypeError,
          r"calibrate: 'model' must be a torch\.nn\.Module"),
