@@ -65,11 +65,13 @@ def test_the_key_follows_the_users_pass_and_gives_up_caching_as_inductor_would()
     assert VersionedPostGradPass(lambda graph: None).uuid() is None  # a plain callable has no uuid
 
 
-def test_the_global_config_pass_is_wrapped_and_patches_are_not_mutated(monkeypatch):
+def test_the_global_config_pass_is_wrapped_and_patches_are_not_mutated():
     global_pass = _CountingPass("global")
-    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", global_pass)
     patches = {"max_autotune": False}
-    wrapped = with_versioned_cache_key(patches)
+    # Inductor's own patch context: pytest's monkeypatch would delete the entry on undo, which
+    # hides it from torch._inductor.config for the rest of the process
+    with inductor_config.patch(post_grad_custom_post_pass=global_pass):
+        wrapped = with_versioned_cache_key(patches)
     assert patches == {"max_autotune": False}
     assert wrapped["post_grad_custom_post_pass"].user_passes == (global_pass,)
     assert with_versioned_cache_key(wrapped) is wrapped  # no double wrapping
