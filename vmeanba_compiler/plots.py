@@ -106,9 +106,9 @@ def plot_segmentations(images: Tensor, labels: Tensor, predictions: Mapping[str,
         for c in range(images.shape[0]):
             ax = axes[r][c]
             if maps is None:
-                ax.imshow(images[c, 0], cmap="gray_r", vmin=0, vmax=1)
+                ax.imshow(images[c, 0].numpy(), cmap="gray_r", vmin=0, vmax=1)
             else:
-                ax.imshow(maps[c], cmap=palette, vmin=0, vmax=palette.N - 1, interpolation="nearest")
+                ax.imshow(maps[c].numpy(), cmap=palette, vmin=0, vmax=palette.N - 1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(name, fontsize=8)
