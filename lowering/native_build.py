@@ -31,7 +31,11 @@ _HEADERS = (_HERE / "scan_math.h",)
 # Measured with `vmeanba bench-scan`: no slower than plain -ffast-math. The flags go to the compile
 # step only: linking a shared library with -ffast-math would pull in crtfastmath.o, which flips the
 # whole process into flush-to-zero mode.
-_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11"]
+# -D_DEFAULT_SOURCE: reduced_scan_cpu.c calls madvise(MADV_HUGEPAGE), which glibc hides under
+# -std=c11 without it; a flag rather than a #define in the source, because the deploy op library
+# force-includes a header (and so the C library's feature setup) before the source's first line.
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11",
+                  "-D_DEFAULT_SOURCE"]
 _LINK_FLAGS = ["-shared"]
 
 

@@ -34,7 +34,6 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("prefer-vector-width=512")
 #endif
-#define _DEFAULT_SOURCE /* madvise's MADV_HUGEPAGE under -std=c11 */
 #include "scan_math.h"
 #if defined(__linux__)
 #include <sys/mman.h>
