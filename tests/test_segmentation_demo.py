@@ -39,7 +39,8 @@ def test_demo_selects_within_budget_on_held_out_canvases_and_writes_plots(demo):
     # The bundled checkpoint's 3% selection (docs/RESULTS.md, section 8): deterministic, so pinned.
     assert selection["sites"] == ["stages.2.0.op:0", "stages.1.1.op:0"]
     assert selection["score"] == "image mIoU"
-    assert selection["calibration_drop"] <= selection["calibration_drop_bound"] <= selection["max_accuracy_drop"] == BUDGET
+    assert selection["max_accuracy_drop"] == BUDGET
+    assert selection["calibration_drop"] <= selection["calibration_drop_bound"] <= BUDGET
     score = result["test_score"]
     assert score["inductor"] - score["vmeanba"] <= BUDGET  # held out: the compiled selection keeps the budget
     _, _, metadata = load_segmentation_task()

@@ -138,18 +138,21 @@ def main(args) -> int:
         ["", "backend='inductor'", "backend='vmeanba'"],
         [["sites reduced", f"0/{n}", f"{len(selection.sites)}/{n}"],
          [f"test {name}", f"{metric['inductor']:.2%}", f"{metric['vmeanba']:.2%}"],
-         ["compile s (first call)", f"{timings['inductor']['compile_s']:.1f}", f"{timings['vmeanba']['compile_s']:.1f}"],
+         ["compile s (first call)", f"{timings['inductor']['compile_s']:.1f}",
+          f"{timings['vmeanba']['compile_s']:.1f}"],
          [f"median ms (batch {timing_input.shape[0]}, {args.repeats} runs)",
           f"{timings['inductor']['median_ms']:.2f}", f"{timings['vmeanba']['median_ms']:.2f}"],
          ["speedup vs inductor", "1.00x", f"{speedup:.2f}x"]],
     )
     print(site_table(profile, selection.sites))
     print(f"\nbudget {args.max_accuracy_drop:.2%} of {selection.score_name} (judged on the calibration split, "
-          f"{selection.confidence:.0%} bound {selection.drop_bound:.2%}): {', '.join(selection.sites) or 'no site fits'}")
+          f"{selection.confidence:.0%} bound {selection.drop_bound:.2%}): "
+          f"{', '.join(selection.sites) or 'no site fits'}")
     print(summary_table)
     budgeted = "" if selection.score_name == name else \
         f" ({selection.score_name} drop {score['inductor'] - score['vmeanba']:.2%})"
-    print(f"test {name} drop {metric['inductor'] - metric['vmeanba']:.2%}{budgeted}; compiled rewrite vs eager rewrite: "
+    print(f"test {name} drop {metric['inductor'] - metric['vmeanba']:.2%}{budgeted}; "
+          "compiled rewrite vs eager rewrite: "
           f"{'agree' if agree else 'DISAGREE'} (rtol={rtol:g}, atol={atol:g})")
 
     result: dict[str, Any] = {

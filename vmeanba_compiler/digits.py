@@ -5,6 +5,10 @@ and the tests run on real data on any machine. The split is stratified and seede
 fits the bundled model, calibration (20%) is all that calibration and site selection may see,
 and test (20%) is held out for every accuracy this project reports. `split_fingerprint` hashes
 the chosen indices, so a checkpoint can prove it was trained on the split it is evaluated with.
+
+The segmentation task is built from the same split: `load_canvas_data` composes several digits
+onto larger canvases (seeded placements and scales) with a per-pixel label map, each split's
+canvases from that split's digit images only.
 """
 
 from __future__ import annotations

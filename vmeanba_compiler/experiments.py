@@ -366,12 +366,14 @@ def run_experiments(out: Path, checkpoint: Optional[str] = None, *, segmentation
     options = dict(repeats=repeats, random_orders=random_orders, seed=seed, threads=threads, progress=progress)
     digits = load_task("digits", checkpoint)
     digits_measured = _measure(digits, **options)
-    plot_accuracy_vs_k(digits_measured.curves, img / "accuracy_vs_k.png", "digits test split: accuracy vs sites reduced")
+    plot_accuracy_vs_k(digits_measured.curves, img / "accuracy_vs_k.png",
+                       "digits test split: accuracy vs sites reduced")
     plot_site_metrics(digits_measured.profile, img / "site_metrics.png", digits_measured.default.sites)
 
     segmentation = load_task("segmentation", segmentation_checkpoint)
     seg = _measure(segmentation, **options)
-    plot_accuracy_vs_k(seg.curves, img / "segmentation_miou_vs_k.png", "digit canvases, test split: mIoU vs sites reduced",
+    plot_accuracy_vs_k(seg.curves, img / "segmentation_miou_vs_k.png",
+                       "digit canvases, test split: mIoU vs sites reduced",
                        ylabel="mIoU (%)")
     plot_site_metrics(seg.profile, img / "segmentation_site_metrics.png", seg.default.sites)
     shown = slice(0, SHOWN_CANVASES)
