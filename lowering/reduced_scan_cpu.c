@@ -9,9 +9,10 @@
  * does two things per channel: it adds the channel's chunk k into the means (each loop over t
  * vectorises), and it writes the channel's output of chunk k - 1, whose reduced row the previous
  * sweep produced, re-reading that u (for D*u) while it is still in cache. Interleaving the
- * compute-bound softplus with the memory-bound output writes lets the core overlap them: the
- * site then costs about its memory traffic (measured ~2x faster at VMamba's stage-0 shape than
- * separate mean and output sweeps). Between sweeps the chunk's recurrence runs on the means.
+ * compute-bound softplus with the memory-bound output writes lets the core overlap them, so the
+ * site costs about its memory traffic (VMamba's stage-0 shape, one thread: separate mean and
+ * output sweeps took ~4.2 ms, one interleaved sweep ~2.6 ms, ~2.1 ms with the streaming stores
+ * below). Between sweeps the chunk's recurrence runs on the means.
  * Callers split the (batch, group) items [item_begin, item_end) across threads; items share no
  * memory.
  *
