@@ -89,7 +89,8 @@ def class_ious(confusion: Tensor) -> Tensor:
     return torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(union, float("nan")))
 
 
-def _label_maps(fn: Callable, batches: LabelledBatches) -> Tensor:
+def _image_confusions(fn: Callable, batches: LabelledBatches) -> Tensor:
+    """One confusion matrix per image of `batches`, predicted by `fn`."""
     predicted, labels, classes = _predictions(fn, batches)
     if labels.dim() < 2:
         raise ValueError(f"mIoU needs label maps (B, H, W), got labels of shape {tuple(labels.shape)}")
@@ -98,12 +99,12 @@ def _label_maps(fn: Callable, batches: LabelledBatches) -> Tensor:
 
 def mean_iou(fn: Callable, batches: LabelledBatches) -> float:
     """Dataset mIoU of `fn` (module docstring: counts over all pixels, present classes only)."""
-    return float(class_ious(_label_maps(fn, batches).sum(0)).nanmean())
+    return float(class_ious(_image_confusions(fn, batches).sum(0)).nanmean())
 
 
 def image_mean_ious(fn: Callable, batches: LabelledBatches) -> Tensor:
     """The mIoU of each image alone, float64 in [0, 1], one entry per image."""
-    return class_ious(_label_maps(fn, batches)).nanmean(-1)
+    return class_ious(_image_confusions(fn, batches)).nanmean(-1)
 
 
 # What the budget selector calls each per-sample score in its reports.
