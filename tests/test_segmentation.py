@@ -165,3 +165,20 @@ def test_segmentation_training_is_bit_reproducible_for_a_seed_and_differs_across
             for settings in (short, short, SegmentationTrainingSettings(epochs=1, batch_size=20, seed=1))]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_a_checkpoint_alone_loads_as_the_model_of_its_own_task(tmp_path):
+    """`--checkpoint` without `--model` (loading.load_model) reads either task's train-demo file."""
+    from vmeanba_compiler.loading import load_model
+    from vmeanba_compiler.models.segmentation import VMambaSegmenter
+    from vmeanba_compiler.models.vmamba import VMamba
+    from vmeanba_compiler.training import bundled_checkpoint_path
+
+    segmenter = load_model(None, str(bundled_checkpoint_path("segmentation")))
+    classifier = load_model(None, str(bundled_checkpoint_path("digits")))
+    assert isinstance(segmenter, VMambaSegmenter) and not segmenter.training
+    assert isinstance(classifier, VMamba) and not classifier.training
+    other = tmp_path / "weights.pt"
+    torch.save({"state_dict": segmenter.state_dict()}, other)
+    with pytest.raises(ValueError, match="not a checkpoint written by `vmeanba train-demo`.*--model"):
+        load_model(None, str(other))

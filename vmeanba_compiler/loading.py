@@ -42,16 +42,16 @@ def _call_if_factory(obj: Any) -> Any:
 def load_model(model_spec: Optional[str], checkpoint: Optional[str]) -> nn.Module:
     """The model in eval mode: built by `model_spec`, weights from `checkpoint` when given.
 
-    checkpoint alone must be one written by `vmeanba train-demo` (it names its config); with
-    `model_spec` it may be any state_dict file or a dict holding one under "state_dict".
-    Files are read with weights_only=True: no code from them is run.
+    checkpoint alone must be one written by `vmeanba train-demo` (either task; it names its
+    config); with `model_spec` it may be any state_dict file or a dict holding one under
+    "state_dict". Files are read with weights_only=True: no code from them is run.
     """
-    from .training import load_digits_model
+    from .training import load_trained_model
 
     if model_spec is None and checkpoint is None:
         raise ValueError("give --model module:factory, --checkpoint PATH, or both")
     if model_spec is None:
-        return load_digits_model(checkpoint)[0]
+        return load_trained_model(checkpoint)
     model = _call_if_factory(load_object(model_spec))
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {model_spec!r} gave {type(model).__name__}, not a torch.nn.Module")

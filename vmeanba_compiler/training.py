@@ -227,6 +227,18 @@ def _checked(data: Union[DigitsData, CanvasData], metadata: dict[str, Any], what
         )
 
 
+def load_trained_model(path: Union[str, Path]) -> nn.Module:
+    """The model in eval mode from a checkpoint written by `vmeanba train-demo`, of either task
+    (the checkpoint's format names it): what the CLI's `--checkpoint` alone loads."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    found = payload.get("format") if isinstance(payload, dict) else None
+    task = next((name for name, spec in _TASKS.items() if spec.format == found), None)
+    if task is None:
+        raise ValueError(f"{path} is not a checkpoint written by `vmeanba train-demo` (any --task); to load "
+                         "another state_dict, also give --model module:factory that builds its model")
+    return _load_model(path, task)[0]
+
+
 def load_digits_model(path: Union[str, Path, None] = None) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, metadata) from a digits checkpoint; default: the bundled one."""
     return _load_model(path, "digits")
