@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -18,6 +19,8 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 # One library: the full scan, the fused reduced site, and the header both include.
@@ -34,9 +37,13 @@ _HEADERS = (_HERE / "scan_math.h",)
 # -D_DEFAULT_SOURCE: reduced_scan_cpu.c calls madvise(MADV_HUGEPAGE), which glibc hides under
 # -std=c11 without it; a flag rather than a #define in the source, because the deploy op library
 # force-includes a header (and so the C library's feature setup) before the source's first line.
+# -fopenmp: the reduced-site kernel runs its items on OpenMP threads; the library then needs
+# libgomp.so.1, which in a process with torch resolves to the copy torch loaded (one thread pool).
+# A compiler without OpenMP (clang without libomp) gets a build without it (`_build`).
+_OPENMP = "-fopenmp"
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11",
-                  "-D_DEFAULT_SOURCE"]
-_LINK_FLAGS = ["-shared"]
+                  "-D_DEFAULT_SOURCE", _OPENMP]
+_LINK_FLAGS = ["-shared", _OPENMP]
 
 
 def cache_dir() -> Path:
@@ -100,24 +107,37 @@ def library_path(real: str) -> Path:
 
 
 def _build(real: str) -> Path:
-    compiler = c_compiler()
-    flags = kernel_compile_flags(real)
     target = library_path(real)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    flags = kernel_compile_flags(real)
+    try:
+        _compile_library(flags, _LINK_FLAGS, target)
+    except RuntimeError as error:
+        without = [f for f in flags if f != _OPENMP]
+        try:
+            _compile_library(without, [f for f in _LINK_FLAGS if f != _OPENMP], target)
+        except RuntimeError:
+            raise error from None
+        log.warning("the C compiler cannot build OpenMP code, so the reduced-site CPU kernel runs on one thread "
+                    "(install libgomp or libomp to use torch's threads):\n%s", error)
+    return target
+
+
+def _compile_library(compile_flags: list[str], link_flags: list[str], target: Path) -> None:
+    compiler = c_compiler()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects = [str(Path(tmp) / f"{source.stem}.o") for source in _SOURCES]
         lib = Path(tmp) / "scan.so"
-        commands = [[compiler, *flags, "-c", str(source), "-o", obj] for source, obj in zip(_SOURCES, objects)]
-        for cmd in (*commands, [compiler, *_LINK_FLAGS, *objects, "-o", str(lib), "-lm"]):
+        commands = [[compiler, *compile_flags, "-c", str(source), "-o", obj] for source, obj in zip(_SOURCES, objects)]
+        for cmd in (*commands, [compiler, *link_flags, *objects, "-o", str(lib), "-lm"]):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(
                     f"building the CPU selective-scan kernel failed:\n$ {' '.join(cmd)}\n{done.stderr}"
                 )
         os.replace(lib, target)
-    return target
 
 
 _PTR, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32

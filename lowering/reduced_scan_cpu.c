@@ -13,8 +13,7 @@
  * site costs about its memory traffic (VMamba's stage-0 shape, one thread: separate mean and
  * output sweeps took ~4.2 ms, one interleaved sweep ~2.6 ms, ~2.1 ms with the streaming stores
  * below). Between sweeps the chunk's recurrence runs on the means.
- * Callers split the (batch, group) items [item_begin, item_end) across threads; items share no
- * memory.
+ * The (batch, group) items [item_begin, item_end) share no memory and run on OpenMP threads.
  *
  * Modes: dt_raw = 0 averages dt = softplus(delta + bias) per channel and scans the mean as is
  * ("effective"); 1 averages delta and bias and applies softplus to the mean ("raw").
@@ -245,10 +244,18 @@ void reduced_scan_forward(
     int64_t batch, int64_t dim, int64_t N, int64_t L, int64_t groups, int64_t item_begin, int64_t item_end)
 {
     const int64_t width = dim / groups;
-    real A_mean[N > 0 ? N : 1], B_mean[N > 0 ? N : 1], C_mean[N > 0 ? N : 1];
     (void)batch;
     prefer_huge_pages(y + item_begin * width * L, (size_t)((item_end - item_begin) * width * L) * sizeof(real));
+    /* The items run on OpenMP threads. The build links libgomp, and in a process that has loaded
+     * torch that is torch's own copy, so these are torch's intra-op threads (torch.set_num_threads),
+     * the ones Inductor's kernels run on. A separate pool would compete with them: their workers
+     * spin between parallel regions (measured on v2-tiny at 2 threads, load average ~2: all
+     * reduced / floor 1.17-1.21 with a Python thread pool, 1.01-1.07 on OpenMP). Inside another
+     * parallel region (the deploy op library's blocks) this one is inactive and runs the items in
+     * the calling thread; built without OpenMP, the pragma is ignored and so is the thread count. */
+#pragma omp parallel for schedule(static)
     for (int64_t item = item_begin; item < item_end; item++) {
+        real A_mean[N > 0 ? N : 1], B_mean[N > 0 ? N : 1], C_mean[N > 0 ? N : 1];
         const int64_t b = item / groups, c0 = (item % groups) * width;
         const int64_t row = (b * dim + c0) * L;
         int64_t B_n = B_sn, C_n = C_sn;
@@ -269,8 +276,8 @@ void reduced_scan_forward(
                    u + row, delta + row, z ? z + row : 0, A_mean, Bp, B_n, B_st, Cp, C_n, C_st,
                    D ? D + c0 : 0, bias ? bias + c0 : 0, softplus, dt_raw, skip_mean,
                    y + row, last_state + (b * dim + c0) * N, width, L);
-    }
 #if defined(__SSE2__)
-    _mm_sfence(); /* the streaming stores are weakly ordered: make them visible before returning */
+        _mm_sfence(); /* this thread's streaming stores are weakly ordered: make them visible */
 #endif
+    }
 }

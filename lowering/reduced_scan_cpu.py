@@ -1,11 +1,11 @@
 """Fused CPU kernel of a reduced scan site: `reduced_scan_cpu.c`, split over threads.
 
 The work items are the (batch row, group) pairs: each reads its group's channels once and writes
-them once, and items share nothing, so they are cut into one contiguous block per thread
-(`torch.get_num_threads()`, as the full scan's kernel does). Math is float32 (float64 for float64
-inputs); inputs in other dtypes or layouts are converted to the contiguous math-dtype layout the
-kernel reads (a no-op for the float32 contiguous tensors a compiled model passes); B and C are
-read in place through their strides.
+them once, and items share nothing. The kernel runs them on OpenMP threads, which are torch's own
+intra-op threads (`torch.get_num_threads()`; reduced_scan_cpu.c says why not a Python pool). Math
+is float32 (float64 for float64 inputs); inputs in other dtypes or layouts are converted to the
+contiguous math-dtype layout the kernel reads (a no-op for the float32 contiguous tensors a
+compiled model passes); B and C are read in place through their strides.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from torch import Tensor
 from ..scan_schema import compute_dtype_for, projection_strides, validate_scan_args
 from .native_build import load_kernels
 from .reduced_scan import check_reduction
-from .scan_cpu import run_blocks, work_blocks
 
 
 def forward(
@@ -53,14 +52,9 @@ def forward(
     lib = load_kernels("double" if math == torch.float64 else "float")
     flags = (int(delta_softplus), int(dt_mode == "raw"), int(skip_mode == "mean"))
     sizes = (shape.batch, shape.dim, shape.state, shape.length, groups)
-
-    def args_for(worker: int, begin: int, end: int):
-        return (
-            u_k.data_ptr(), delta_k.data_ptr(), A_k.data_ptr(),
-            B_k.data_ptr(), *B_s, C_k.data_ptr(), *C_s,
-            *(None if t is None else t.data_ptr() for t in (D_k, z_k, bias_k)), *flags,
-            y.data_ptr(), last_state.data_ptr(), *sizes, begin, end,
-        )
-
-    run_blocks(lib.reduced_scan_forward, work_blocks(shape.batch * groups), args_for)
+    lib.reduced_scan_forward(
+        u_k.data_ptr(), delta_k.data_ptr(), A_k.data_ptr(), B_k.data_ptr(), *B_s, C_k.data_ptr(), *C_s,
+        *(None if t is None else t.data_ptr() for t in (D_k, z_k, bias_k)), *flags,
+        y.data_ptr(), last_state.data_ptr(), *sizes, 0, shape.batch * groups,
+    )
     return y.to(u.dtype), last_state

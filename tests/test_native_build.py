@@ -8,6 +8,7 @@ gives: the same NaN positions, the same infinities, the same finite values.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 
 import pytest
@@ -120,3 +121,19 @@ def test_cpu_identity_includes_the_feature_flags():
     if flags is None:
         pytest.skip("/proc/cpuinfo lists no feature flags")
     assert flags.split(":", 1)[1].strip() in identity
+
+
+def test_a_compiler_without_openmp_gets_a_single_thread_build(monkeypatch, tmp_path, caplog):
+    """The kernels use OpenMP where the C compiler has it; one that refuses -fopenmp (clang without
+    libomp) still gets a working library, and the log says why it runs on one thread."""
+    real_cc = native_build.c_compiler()
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP" >&2; exit 1; }}; done\n'
+                    f'exec {real_cc} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("VMEANBA_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger=native_build.__name__):
+        path = native_build._build("float")
+    assert path.exists() and "cannot build OpenMP code" in caplog.text and "no OpenMP" in caplog.text
+    assert hasattr(ctypes.CDLL(str(path)), "reduced_scan_forward")
