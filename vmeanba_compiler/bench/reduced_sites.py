@@ -17,9 +17,8 @@ run mean anything):
    channel per group -> broadcast -> D*u (the composition of `lowering/reduced_scan.py`), run
    eagerly and compiled by Inductor (what a rewritten graph held before the fused op).
 
-Run everything (about 20 minutes on 2 busy cores: the sites 2, the models 6 on one thread and 8
-on two; every model is compiled anew per batch size and thread count, since Inductor's CPU code is
-specialised on both):
+Run everything (about 6 minutes on 2 quiet cores, 20 when other jobs share them; every model is
+compiled anew per batch size and thread count, since Inductor's CPU code is specialised on both):
 
     python -m vmeanba_compiler.bench.reduced_sites --out results/cpu/reduced_sites.json
 
