@@ -102,6 +102,7 @@ def test_inference_with_rewrite_under_inductor_compiles_once_across_batches_and_
         torch.testing.assert_close(compiled_out, eager_out, rtol=rtol, atol=atol, msg=f"size {size}")
 
 
+@pytest.mark.extended  # dynamic-shape training through Inductor: ~50 s cold
 def test_training_with_rewrite_shares_one_graph_between_batch_sizes() -> None:
     """The training recipe: dynamic batch, static resolution (docs/DYNAMIC_SHAPES.md says why).
     Every parameter's gradient through the Inductor-compiled graphs follows the eager rewrite, for

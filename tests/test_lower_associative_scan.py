@@ -474,6 +474,7 @@ def test_varied_shapes_and_projection_forms(frontend, batch, groups, d, N, L, la
         assert site.b_form == b_form
 
 
+@pytest.mark.extended  # explain, calibrate and an Inductor compile of an associative-scan model: ~60 s cold
 def test_backend_explain_and_calibrate_see_associative_scan_sites_end_to_end():
     """Canonicalisation runs in every consumer of site ids: explain and calibrate find the
     site, and the backend rewrites it (compiled output equals the eager rewrite)."""

@@ -123,6 +123,7 @@ def test_cpu_identity_includes_the_feature_flags():
     assert flags.split(":", 1)[1].strip() in identity
 
 
+@pytest.mark.extended  # a second build of every kernel, without OpenMP
 def test_a_compiler_without_openmp_gets_a_single_thread_build(monkeypatch, tmp_path, caplog):
     """The kernels use OpenMP where the C compiler has it; one that refuses -fopenmp (clang without
     libomp) still gets a working library, and the log says why it runs on one thread."""

@@ -442,6 +442,7 @@ def test_forward_does_not_depend_on_the_thread_split(threads: int) -> None:
     assert torch.equal(default[0], split[0]) and torch.equal(default[1], split[1])
 
 
+@pytest.mark.extended  # forward and backward compiled by Inductor: ~50 s cold
 def test_training_through_inductor_with_transposed_inputs() -> None:
     """The backward's fake kernel promises contiguous gradients, as every kernel returns them; a
     transposed u, delta, z or B reaching the op must not make Inductor expect (and assert) a
