@@ -31,16 +31,14 @@ _MAX_PIXEL = 16.0  # load_digits pixels are integers 0..16
 _PURPOSE = "the digits data set (vmeanba demo, train-demo, experiments)"
 
 
-@dataclass(frozen=True)
-class DigitsSplit:
-    """One split: images (n, 1, 8, 8) float32 in [0, 1] and labels (n,) int64."""
+class _Batched:
+    """Batching shared by both tasks' splits (each has `images` and `labels` along dim 0)."""
 
     images: Tensor
     labels: Tensor
-    indices: tuple[int, ...]  # rows of sklearn's load_digits()
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.images.shape[0]
 
     def batches(self, batch_size: int) -> list[tuple[Tensor, Tensor]]:
         """(images, labels) pairs in a fixed order; the last batch may be smaller."""
@@ -52,6 +50,15 @@ class DigitsSplit:
     def image_batches(self, batch_size: int) -> list[Tensor]:
         """Images only, for calibration and other label-free uses."""
         return [images for images, _ in self.batches(batch_size)]
+
+
+@dataclass(frozen=True)
+class DigitsSplit(_Batched):
+    """One split: images (n, 1, 8, 8) float32 in [0, 1] and labels (n,) int64."""
+
+    images: Tensor
+    labels: Tensor
+    indices: tuple[int, ...]  # rows of sklearn's load_digits()
 
 
 @dataclass(frozen=True)
@@ -171,26 +178,13 @@ class Placement:
 
 
 @dataclass(frozen=True)
-class CanvasSplit:
+class CanvasSplit(_Batched):
     """images (n, 1, size, size) float32 in [0, 1]; labels (n, size, size) int64 in
-    0..SEGMENTATION_CLASSES-1; placements[i]: the digits drawn on canvas i."""
+    0..SEGMENTATION_CLASSES-1 (label maps); placements[i]: the digits drawn on canvas i."""
 
     images: Tensor
     labels: Tensor
     placements: tuple[tuple[Placement, ...], ...]
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def batches(self, batch_size: int) -> list[tuple[Tensor, Tensor]]:
-        """(images, label maps) pairs in a fixed order; the last batch may be smaller."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return [(self.images[i : i + batch_size], self.labels[i : i + batch_size])
-                for i in range(0, len(self), batch_size)]
-
-    def image_batches(self, batch_size: int) -> list[Tensor]:
-        return [images for images, _ in self.batches(batch_size)]
 
 
 @dataclass(frozen=True)
