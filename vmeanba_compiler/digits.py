@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -61,23 +61,31 @@ class DigitsSplit(_Batched):
     indices: tuple[int, ...]  # rows of sklearn's load_digits()
 
 
+class _ThreeSplits:
+    """split(name) and iteration in SPLIT_NAMES order, shared by both tasks' data sets."""
+
+    _kind = ""  # names the data set in errors
+
+    def split(self, name: str) -> Any:
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown {self._kind} split {name!r}; choose one of {SPLIT_NAMES}")
+        return getattr(self, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(getattr(self, name) for name in SPLIT_NAMES)
+
+
 @dataclass(frozen=True)
-class DigitsData:
+class DigitsData(_ThreeSplits):
     train: DigitsSplit
     calibration: DigitsSplit
     test: DigitsSplit
     seed: int
-
-    def split(self, name: str) -> DigitsSplit:
-        if name not in SPLIT_NAMES:
-            raise ValueError(f"unknown digits split {name!r}; choose one of {SPLIT_NAMES}")
-        return getattr(self, name)
+    _kind = "digits"
 
     def fingerprint(self) -> str:
         return split_fingerprint(self)
 
-    def __iter__(self) -> Iterator[DigitsSplit]:
-        return iter((self.train, self.calibration, self.test))
 
 
 def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -188,7 +196,7 @@ class CanvasSplit(_Batched):
 
 
 @dataclass(frozen=True)
-class CanvasData:
+class CanvasData(_ThreeSplits):
     """The three canvas splits; split i only uses digits (load_digits rows) of digits split i."""
 
     train: CanvasSplit
@@ -197,11 +205,8 @@ class CanvasData:
     digits: DigitsData
     settings: CanvasSettings
     seed: int
+    _kind = "canvas"
 
-    def split(self, name: str) -> CanvasSplit:
-        if name not in SPLIT_NAMES:
-            raise ValueError(f"unknown canvas split {name!r}; choose one of {SPLIT_NAMES}")
-        return getattr(self, name)
 
     def fingerprint(self) -> str:
         """sha256 of the digits split, the settings, the seed and every placement: equal
@@ -211,8 +216,6 @@ class CanvasData:
             digest.update(f"{name}:{split.placements};".encode())
         return digest.hexdigest()
 
-    def __iter__(self) -> Iterator[CanvasSplit]:
-        return iter((self.train, self.calibration, self.test))
 
 
 def _scaled(digit: Tensor, side: int) -> Tensor:
